@@ -1,0 +1,1 @@
+"""Named experiments: one module per name, each with `get_config()` (see lm/config.py)."""

@@ -1,0 +1,239 @@
+"""Experiment configs: the default schema, loading `experiments/<name>.py`, command-line overrides.
+
+Every experiment is a plain function `get_config()` that starts from `default_config()` and changes
+what it needs. The schema is small and grouped: model, data, tokenizer, optim, train, mesh.
+Overrides are `--config.a.b=value` strings; a key that does not exist, or a value of the wrong
+type, raises `ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Sequence
+
+import ml_collections
+
+import experiments
+
+
+class ConfigError(ValueError):
+    """A user mistake in an experiment name or an override; the message says what to fix."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full schema with defaults; experiments override a few values."""
+    c = ml_collections.ConfigDict()
+    c.description = ""
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=0,  # 0: take it from the tokenizer.
+            num_layers=2,
+            d_model=128,
+            num_heads=4,
+            num_kv_heads=0,  # 0: same as num_heads (multi-head); fewer gives grouped-query attn.
+            head_dim=0,  # 0: d_model // num_heads.
+            d_ff=512,
+            max_seq_len=256,
+            position="learned",  # learned | rope
+            rope_theta=10000.0,
+            norm="layernorm",  # layernorm | rmsnorm
+            norm_eps=1e-5,
+            mlp="gelu",  # gelu | swiglu
+            use_bias=True,
+            tie_embeddings=True,
+            dropout=0.0,
+            init_std=0.02,
+            dtype="auto",  # compute dtype: auto (bfloat16 off-CPU, float32 on CPU) | float32 | bfloat16
+            param_dtype="float32",
+            remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
+            scan_layers=False,
+            attention="auto",  # auto | xla | cudnn: passed to jax.nn.dot_product_attention
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="stdlib",  # stdlib | text | dir | jsonl | tfds | task
+            path="",  # file or directory for text / dir / jsonl
+            include="*.py,*.txt,*.md,*.rst",  # globs for `dir` and `stdlib`
+            exclude="",
+            jsonl_field="text",
+            tfds_name="",  # e.g. "tiny_shakespeare" (needs the data prepared locally)
+            tfds_split="train",
+            task="",  # a registered seqio Task or Mixture name (source=task)
+            max_documents=0,  # 0: all
+            max_file_bytes=1_000_000,
+            validation_fraction=0.02,
+            seq_len=128,
+            batch_size=16,  # global batch, in rows of seq_len tokens
+            shuffle_seed=0,
+            cache_dir="",  # "": <workdir>/data_cache
+        )
+    )
+
+    c.tokenizer = ml_collections.ConfigDict(
+        dict(
+            path="",  # an existing SentencePiece .model; "" trains one into <workdir>/tokenizer
+            kind="bpe",  # bpe | unigram | char
+            vocab_size=2048,
+            byte_fallback=True,
+            train_max_bytes=20_000_000,
+            special_tokens="<|system|>,<|user|>,<|assistant|>,<|end|>",
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=3e-3,
+            schedule="cosine",  # cosine | linear | constant
+            warmup_steps=50,
+            min_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            grad_accum_steps=1,
+            spike_factor=5.0,  # skip an update whose loss exceeds this x the running mean; 0: off
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=200,
+            log_every=10,
+            eval_every=100,
+            eval_batches=8,
+            checkpoint_every=100,
+            keep_checkpoints=3,
+            async_checkpoints=True,
+            sample_prompts="def |import |class ",  # '|'-separated prompts for report samples
+            sample_tokens=64,
+            profile=False,
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,  # -1: the devices the other axes leave
+            fsdp=1,
+            tensor=1,
+            # Logical axis -> mesh axes. A logical name not listed here is replicated.
+            rules=(
+                ("batch", ("data", "fsdp")),
+                ("vocab", "tensor"),
+                ("embed", "fsdp"),
+                ("mlp", "tensor"),
+                ("heads", "tensor"),
+                ("kv_heads", "tensor"),
+                ("head_dim", None),
+                ("seq", None),
+                ("layers", None),
+            ),
+        )
+    )
+    return c
+
+
+def list_experiments() -> dict[str, str]:
+    """Name -> one-line description of every module in `experiments/`."""
+    out = {}
+    for info in sorted(pkgutil.iter_modules(experiments.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"experiments.{info.name}")
+        if hasattr(module, "get_config"):
+            out[info.name] = ((module.__doc__ or "").strip().splitlines() or [""])[0]
+    return out
+
+
+def load_experiment(name: str) -> ml_collections.ConfigDict:
+    """Imports `experiments/<name>.py` and returns its `get_config()`."""
+    names = list_experiments()
+    if name not in names:
+        close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown experiment {name!r}.{hint} `lm experiments` lists them all."
+        )
+    return importlib.import_module(f"experiments.{name}").get_config()
+
+
+def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _parse_value(text: str, current: object, key: str) -> object:
+    """Parses `text` into the type of `current`, or raises ConfigError naming `key`."""
+    if isinstance(current, bool):
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"--config.{key} expects true or false, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"--config.{key} expects a {type(current).__name__}, got {text!r}"
+        ) from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"--config.{key} expects a {type(current).__name__}, got {text!r}")
+    return value
+
+
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: Sequence[str]
+) -> ml_collections.ConfigDict:
+    """Applies `a.b=value` (or `--config.a.b=value`) strings to `cfg` in place and returns it."""
+    for raw in overrides:
+        item = raw[2:] if raw.startswith("--") else raw
+        item = item[len("config.") :] if item.startswith("config.") else item
+        if "=" not in item:
+            raise ConfigError(f"override {raw!r} needs the form --config.key=value")
+        key, text = item.split("=", 1)
+        parent, leaf = cfg, key
+        if "." in key:
+            path, leaf = key.rsplit(".", 1)
+            for part in path.split("."):
+                node = parent.get(part) if isinstance(parent, ml_collections.ConfigDict) else None
+                if not isinstance(node, ml_collections.ConfigDict):
+                    parent = None
+                    break
+                parent = node
+        if parent is None or leaf not in parent:
+            close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"--config.{key} is not a config key.{hint}")
+        current = parent[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"--config.{key} is a group; set one of its keys instead")
+        value = _parse_value(text, current, key)
+        try:
+            parent[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--config.{key}: {e}") from None
+    return cfg
+
+
+def get_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of experiment `name` with `overrides` applied."""
+    return apply_overrides(load_experiment(name), overrides)

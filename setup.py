@@ -1,0 +1,34 @@
+"""Install `lm`: `pip install -e .` (the Makefile does this into .venv)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lm",
+    version="0.1.0",
+    description="A JAX/TPU-first codebase for the whole life of a language model.",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["lm", "lm.*", "experiments", "data_mixtures", "pipelines"]),
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11.20,<0.13",
+        "seqio>=0.0.19,<0.1",
+        "tensorflow>=2.19,<2.22",
+        "tensorflow-text>=2.19,<2.22",
+        "tensorflow-datasets>=4.9.8,<5",
+        "grain>=0.2.12,<0.3",
+        "ml-collections>=1.1,<2",
+        # 0.2.3's generated protobuf code needs protobuf 7, which tensorflow 2.21 rules out.
+        "sentencepiece>=0.2.0,<0.2.3",
+        "numpy>=1.26,<3",
+        "matplotlib>=3.8,<4",
+        "tensorboard>=2.19,<2.22",
+        "apache-beam==2.77.0",
+        "ftfy>=6.2,<7",
+    ],
+    extras_require={
+        "dev": ["pytest>=8,<10", "ruff==0.17.6"],
+    },
+    entry_points={"console_scripts": ["lm=lm.cli:main"]},
+)
