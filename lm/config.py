@@ -158,9 +158,7 @@ def load_experiment(name: str) -> ml_collections.ConfigDict:
     if name not in names:
         close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown experiment {name!r}.{hint} `lm experiments` lists them all."
-        )
+        raise ConfigError(f"unknown experiment {name!r}.{hint} `lm experiments` lists them all.")
     return importlib.import_module(f"experiments.{name}").get_config()
 
 

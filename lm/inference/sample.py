@@ -1,0 +1,125 @@
+"""Autoregressive sampling with a KV cache: temperature, top-k and top-p, one jit per shape.
+
+The prompt is right-padded to a power-of-two bucket and prefilled in one call; decoding then
+overwrites the cache from the real prompt length on. The causal mask (key position <= query
+position) means the padding written during prefill is never attended to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+from flax import nnx
+
+from lm.models.transformer import ModelConfig
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
+    """Masks logits [batch, vocab] outside the top-k set and outside the top-p nucleus."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token while the mass of the tokens strictly more likely than it is below top_p.
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < threshold, neg, logits)
+
+
+def sample_token(
+    logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array
+) -> jax.Array:
+    """logits [batch, vocab] -> token ids [batch]; temperature <= 0 is greedy."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature <= 0, greedy, sampled).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k"))
+def generate(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt: jax.Array,
+    prompt_len: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    *,
+    max_new_tokens: int,
+    top_k: int,
+) -> jax.Array:
+    """prompt [batch, bucket] (right-padded; `prompt_len` real tokens) -> [batch, max_new_tokens]."""
+    model = nnx.merge(graphdef, params)
+    batch, bucket = prompt.shape
+    cache = model.init_cache(batch, bucket + max_new_tokens)
+    positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
+    segments = jnp.ones_like(prompt)
+    logits, cache = model(prompt, positions, segments, cache, jnp.int32(0))
+    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+    key, sub = jax.random.split(key)
+    token = sample_token(last, sub, temperature, top_k, top_p)
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token)
+
+    def body(i, carry):
+        cache, token, key, out = carry
+        index = prompt_len + i - 1
+        pos = jnp.full((batch, 1), index, jnp.int32)
+        logits, cache = model(token[:, None], pos, jnp.ones_like(pos), cache, index)
+        key, sub = jax.random.split(key)
+        token = sample_token(logits[:, 0], sub, temperature, top_k, top_p)
+        return cache, token, key, out.at[:, i].set(token)
+
+    _, _, _, out = jax.lax.fori_loop(1, max_new_tokens, body, (cache, token, key, out))
+    return out
+
+
+def generate_text(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    model_cfg: ModelConfig,
+    vocab: seqio.Vocabulary,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    num_samples: int = 1,
+) -> list[str]:
+    """One completion per (prompt, sample); stops at EOS. Long prompts keep their last tokens."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    max_new_tokens = min(max_new_tokens, model_cfg.max_seq_len - 1)
+    texts = []
+    for p_index, text in enumerate(prompts):
+        ids = list(vocab.encode(text)) or [vocab.eos_id]
+        room = model_cfg.max_seq_len - max_new_tokens
+        ids = ids[-room:]
+        bucket = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
+        prompt = np.zeros((num_samples, bucket), np.int32)
+        prompt[:, : len(ids)] = ids
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), p_index)
+        out = generate(
+            graphdef,
+            params,
+            jnp.asarray(prompt),
+            jnp.int32(len(ids)),
+            key,
+            jnp.float32(temperature),
+            jnp.float32(top_p),
+            max_new_tokens=max_new_tokens,
+            top_k=top_k,
+        )
+        for row in np.asarray(out).tolist():
+            if vocab.eos_id in row:
+                row = row[: row.index(vocab.eos_id)]
+            texts.append(vocab.decode(row))
+    return texts

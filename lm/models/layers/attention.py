@@ -1,0 +1,82 @@
+"""Causal self-attention with grouped-query heads, packed-segment masking and a KV cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.models.layers.linear import Dense
+from lm.models.layers.rotary import apply_rotary
+from lm.sharding import constrain
+
+# One layer's cache: {"k": [batch, max_len, kv_heads, head_dim], "v": same}.
+LayerCache = dict[str, jax.Array]
+
+
+def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
+    """[batch, seq] segment ids -> [batch, 1, seq, seq] mask: causal and within one segment.
+
+    Packed rows hold several documents; a token attends only to earlier tokens of its own
+    document. Padding (segment 0) attends to padding, so no row is fully masked.
+    """
+    seq = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & causal)[:, None]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention; `num_kv_heads < num_heads` shares each K/V head across a group."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        common = dict(rngs=rngs, use_bias=cfg.use_bias, dtype=cfg.dtype)
+        self.q = Dense(
+            (d,), (n, h), ("embed", "heads", "head_dim"), init_std=cfg.init_std, **common
+        )
+        self.k = Dense(
+            (d,), (k, h), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, **common
+        )
+        self.v = Dense(
+            (d,), (k, h), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, **common
+        )
+        # GPT-2's scaled init of residual projections: std / sqrt(2 * num_layers).
+        out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+        self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), init_std=out_std, **common)
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.implementation = None if cfg.attention == "auto" else cfg.attention
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
+
+        With a cache, the `seq` new tokens are written at `cache_index` and attend to every
+        cached position at or before their own (prefill and one-token decode alike).
+        """
+        q = constrain(self.q(x), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(self.k(x), ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(self.v(x), ("batch", "seq", "kv_heads", "head_dim"))
+        if self.rope_theta is not None:
+            q = apply_rotary(q, positions, self.rope_theta)
+            k = apply_rotary(k, positions, self.rope_theta)
+        if cache is None:
+            mask = segment_causal_mask(segment_ids)
+        else:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+            query_pos = cache_index + jnp.arange(x.shape[1])
+            mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=self.implementation
+        )
+        out = constrain(out, ("batch", "seq", "heads", "head_dim"))
+        return self.o(out), cache

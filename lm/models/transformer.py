@@ -1,0 +1,226 @@
+"""The decoder-only transformer: one NNX module covering the GPT-2 and Llama families.
+
+GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings.
+Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied output head.
+Both are the same pre-norm residual stack; `ModelConfig` picks the pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm.models.layers.attention import Attention, LayerCache
+from lm.models.layers.linear import Dense, Embed
+from lm.models.layers.mlp import MLP
+from lm.models.layers.norms import Norm
+from lm.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Resolved model hyperparameters (`num_kv_heads`, `head_dim` and `dtype` filled in)."""
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int
+    position: str
+    rope_theta: float
+    norm: str
+    norm_eps: float
+    mlp: str
+    use_bias: bool
+    tie_embeddings: bool
+    dropout: float
+    init_std: float
+    dtype: Any
+    param_dtype: Any
+    remat: str
+    scan_layers: bool
+    attention: str
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int | None = None) -> ModelConfig:
+        """Builds from the `model` group of an experiment config; fills the 0 / "auto" values."""
+        values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
+        if vocab_size:
+            values["vocab_size"] = vocab_size
+        if values["vocab_size"] <= 0:
+            raise ValueError("model.vocab_size is 0 and no tokenizer gave one")
+        if values["num_heads"] <= 0 or values["d_model"] <= 0:
+            raise ValueError("model.num_heads and model.d_model must be positive")
+        values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
+        if values["num_heads"] % values["num_kv_heads"]:
+            raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+        values["head_dim"] = values["head_dim"] or values["d_model"] // values["num_heads"]
+        if values["position"] not in ("learned", "rope"):
+            raise ValueError(f"model.position must be learned or rope, got {values['position']!r}")
+        if values["remat"] not in ("none", *REMAT_POLICIES):
+            raise ValueError(f"model.remat must be none, full or dots, got {values['remat']!r}")
+        if values["dtype"] == "auto":
+            values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        values["dtype"] = jnp.dtype(values["dtype"])
+        values["param_dtype"] = jnp.dtype(values["param_dtype"])
+        return cls(**values)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout with an explicit key; identity when rate is 0 or key is None (eval)."""
+    if rate <= 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.dropout = cfg.dropout
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: LayerCache | None,
+        cache_index: jax.Array | None,
+        key: jax.Array | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
+        x = constrain(x + dropout(h, self.dropout, keys[0]), ("batch", "seq", "embed"))
+        h = self.mlp(self.mlp_norm(x))
+        x = constrain(x + dropout(h, self.dropout, keys[1]), ("batch", "seq", "embed"))
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    """tokens [batch, seq] -> logits [batch, seq, vocab] (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(
+            cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std, dtype=cfg.dtype
+        )
+        self.pos_embed = (
+            Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                rngs=rngs,
+                axes=(None, "embed"),
+                init_std=cfg.init_std / 2,
+                dtype=cfg.dtype,
+            )
+            if cfg.position == "learned"
+            else None
+        )
+        if cfg.scan_layers:
+            # One Block whose params are stacked [num_layers, ...], applied with nnx.scan.
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs=rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else Dense(
+                (cfg.d_model,),
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                rngs=rngs,
+                init_std=cfg.init_std,
+                dtype=cfg.dtype,
+            )
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: list[LayerCache] | LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """Returns (logits [batch, seq, vocab] in float32, updated cache or None).
+
+        `cache` is a list of per-layer caches, or one stacked cache when `scan_layers`.
+        `dropout_key` turns dropout on (training); None is deterministic.
+        """
+        cfg = self.cfg
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = constrain(dropout(x, cfg.dropout, dropout_key), ("batch", "seq", "embed"))
+        layer_keys = None
+        if dropout_key is not None and cfg.dropout > 0:
+            layer_keys = jax.random.split(jax.random.fold_in(dropout_key, 1), cfg.num_layers)
+
+        def run_block(block, x, layer_cache, key):
+            return block(x, positions, segment_ids, layer_cache, cache_index, key)
+
+        if cfg.remat != "none":
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
+
+        if cfg.scan_layers:
+
+            @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            def scan_blocks(block, x, layer_cache, key):
+                return run_block(block, x, layer_cache, key)
+
+            x, cache = scan_blocks(self.blocks, x, cache, layer_keys)
+        else:
+            new_cache = [] if cache is not None else None
+            for i, block in enumerate(self.blocks):
+                layer_cache = cache[i] if cache is not None else None
+                key = layer_keys[i] if layer_keys is not None else None
+                x, layer_cache = run_block(block, x, layer_cache, key)
+                if new_cache is not None:
+                    new_cache.append(layer_cache)
+            cache = new_cache
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        return logits, cache
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Any:
+        """Zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
+        cfg = self.cfg
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.dtype
+        if cfg.scan_layers:
+            shape = (cfg.num_layers, *shape)
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_layers)
+        ]
+
+
+def param_count(state: nnx.State) -> int:
+    """Number of parameters in an nnx.State."""
+    return sum(int(x.size) for x in jax.tree.leaves(state))

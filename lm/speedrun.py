@@ -1,0 +1,79 @@
+"""`make speedrun`: the whole lifecycle that exists so far, on the embedded corpus, on CPU.
+
+Stages: train a tokenizer on the standard library's source, pretrain the `tiny` experiment
+(with checkpoints, validation and a report), then sample from the final checkpoint. Each stage's
+wall time goes into `<workdir>/speedrun.md`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from lm.config import get_config
+
+
+def speedrun(workdir: str) -> int:
+    from lm.data.sources import iter_documents
+    from lm.inference.sample import generate_text
+    from lm.tokenizer.sentencepiece_tokenizer import (
+        compression_report,
+        load_vocabulary,
+        train_tokenizer,
+    )
+    from lm.training.loop import restore_params, train
+
+    os.makedirs(workdir, exist_ok=True)
+    timings: list[tuple[str, float]] = []
+    cfg = get_config("tiny")
+
+    t0 = time.perf_counter()
+    print("== 1/3 tokenizer: SentencePiece BPE on the standard library", flush=True)
+    spm = train_tokenizer(cfg.data, cfg.tokenizer, os.path.join(workdir, "tokenizer"))
+    vocab = load_vocabulary(spm)
+    comp = compression_report(vocab, iter_documents(cfg.data, "validation"))
+    print(f"   {spm}: vocab {vocab.vocab_size}, {comp['bytes_per_token']:.2f} bytes/token held out")
+    timings.append(("tokenizer", time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    print("== 2/3 pretrain `tiny` (resumes if interrupted)", flush=True)
+    cfg.tokenizer.path = os.path.abspath(spm)
+    train_dir = os.path.join(workdir, "tiny")
+    summary = train(cfg, train_dir)
+    timings.append(("pretrain", time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    print("\n== 3/3 evaluate and sample from the final checkpoint", flush=True)
+    graphdef, params, model_cfg, vocab, step = restore_params(train_dir)
+    prompt = "def "
+    text = generate_text(
+        graphdef, params, model_cfg, vocab, [prompt], max_new_tokens=96, temperature=0.7, top_k=40
+    )[0]
+    timings.append(("sample", time.perf_counter() - t0))
+
+    val = summary.get("validation", {})
+    lines = ["# Speedrun", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {secs:.1f} |" for name, secs in timings]
+    lines += ["", f"Tokenizer: {comp['bytes_per_token']:.3f} bytes/token on held-out text.", ""]
+    if val:
+        lines.append(
+            f"Validation loss {val['loss']:.4f}, perplexity {val['perplexity']:.2f}, "
+            f"bits/byte {val['bits_per_byte']:.3f} at step {step}."
+        )
+    lines += [
+        "",
+        f"Training report: {summary['report']}",
+        "",
+        "Sample:",
+        "```",
+        prompt + text,
+        "```",
+    ]
+    with open(os.path.join(workdir, "speedrun.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("--- sample (checkpoint %d) ---\n%s%s\n---" % (step, prompt, text))
+    if val:
+        print(f"validation loss {val['loss']:.4f}  bits/byte {val['bits_per_byte']:.3f}")
+    print(f"report: {summary['report']}")
+    print(f"speedrun summary: {os.path.join(workdir, 'speedrun.md')}")
+    return 0

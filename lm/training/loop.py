@@ -1,0 +1,266 @@
+"""`lm train`: tokenizer, data, sharded state, the step loop, evals, checkpoints, report.
+
+Re-running in the same workdir resumes from the newest readable checkpoint, with the data
+iterator restored, so the loss at every later step matches the uninterrupted run. SIGTERM and
+SIGINT (TPU VM preemption, Ctrl-C) save a checkpoint at the next step boundary and exit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lm import sharding
+from lm.data.pipeline import make_eval_batches, make_train_iterator, validation_bytes_per_token
+from lm.models.transformer import ModelConfig
+from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer
+from lm.training import metrics as metrics_lib
+from lm.training.checkpoint import Checkpointer
+from lm.training.report import write_report
+from lm.training.train_step import Trainer
+
+
+class Preempted(Exception):
+    """Raised after the state was saved because SIGTERM/SIGINT arrived."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def init_distributed() -> None:
+    """Joins the multi-host job when launched on all TPU VM workers (LM_MULTIHOST=1)."""
+    if os.environ.get("LM_MULTIHOST") == "1" and jax.process_count() == 1:
+        jax.distributed.initialize()
+
+
+def tokenizer_path(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+    """The configured tokenizer, else `<workdir>/tokenizer/spm.model`, trained if missing."""
+    if cfg.tokenizer.path:
+        return cfg.tokenizer.path
+    path = os.path.join(workdir, "tokenizer", "spm.model")
+    if not os.path.exists(path):
+        logging.info(
+            "training a %s tokenizer (vocab %d)", cfg.tokenizer.kind, cfg.tokenizer.vocab_size
+        )
+        path = train_tokenizer(cfg.data, cfg.tokenizer, os.path.dirname(path))
+    return path
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(cfg.to_json_best_effort(indent=2))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was started with."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of an `lm train` run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def evaluate(trainer: Trainer, params, batches: list[dict], bytes_per_token: float) -> dict:
+    """Validation loss (nats/token), perplexity and bits per byte over fixed batches."""
+    loss_sum = weight_sum = 0.0
+    for batch in batches:
+        out = jax.device_get(trainer.eval_step(params, trainer.device_batch(batch)))
+        loss_sum += float(out["loss_sum"])
+        weight_sum += float(out["weight_sum"])
+    loss = loss_sum / max(weight_sum, 1.0)
+    return {
+        "loss": loss,
+        "perplexity": metrics_lib.perplexity(loss),
+        "bits_per_byte": metrics_lib.bits_per_byte(loss, bytes_per_token),
+        "tokens": weight_sum,
+    }
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary."""
+    init_distributed()
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    vocab_path = tokenizer_path(cfg, workdir)
+    cfg.tokenizer.path = os.path.abspath(vocab_path)
+    vocab = load_vocabulary(vocab_path)
+    model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
+        )
+    if cfg.data.batch_size % cfg.optim.grad_accum_steps:
+        raise ValueError("data.batch_size must be a multiple of optim.grad_accum_steps")
+    if primary:
+        save_config(cfg, workdir)
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    trainer = Trainer(cfg, model_cfg, mesh)
+    logging.info("mesh %s; compiling the train step", dict(mesh.shape))
+    compiled = trainer.compile()
+    memory = compiled.memory_analysis()
+    if memory is not None and primary:
+        logging.info(
+            "train step memory per device: %.1f MiB temp, %.1f MiB args",
+            memory.temp_size_in_bytes / 2**20,
+            memory.argument_size_in_bytes / 2**20,
+        )
+
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=cfg.train.keep_checkpoints,
+        every=cfg.train.checkpoint_every,
+        async_save=cfg.train.async_checkpoints,
+    )
+    data_iter = make_train_iterator(cfg, vocab, workdir, jax.process_index(), jax.process_count())
+    restored = ckpt.restore_latest(trainer.abstract_state)
+    if restored is not None:
+        state, data_state, start = restored
+        data_iter.set_state(data_state)
+        logging.info("resumed from checkpoint %d in %s", start, ckpt.directory)
+    else:
+        state, start = trainer.init_state(), 0
+
+    writer = metrics_lib.MetricsWriter(workdir, is_primary=primary, total_steps=cfg.train.steps)
+    writer.truncate_after(start)
+    eval_batches = make_eval_batches(
+        cfg, vocab, workdir, cfg.train.eval_batches, jax.process_index(), jax.process_count()
+    )
+    bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir)
+    flops_per_token = metrics_lib.model_flops_per_token(
+        _resolved_model_cfg(cfg, model_cfg), cfg.data.seq_len
+    )
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
+
+    stop_signal: list[int] = []
+
+    def on_signal(signum, _frame):
+        stop_signal.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    throughput: list[float] = []
+    summary: dict[str, Any] = {"resumed_from": start}
+    t_last, step_last = time.perf_counter(), start
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = trainer.device_batch(next(data_iter))
+            state, step_metrics = trainer.train_step(state, batch)
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                now = time.perf_counter()
+                dt = (now - t_last) / max(1, done - step_last)
+                tokens_per_s = cfg.data.batch_size * cfg.data.seq_len / dt
+                throughput.append(tokens_per_s)
+                values.update(step_ms=dt * 1000, tokens_per_s=tokens_per_s)
+                util = metrics_lib.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)
+                if util is not None:
+                    values["mfu"] = util
+                if values["skipped"]:
+                    logging.warning(
+                        "step %d: loss %.4g / grad norm %.4g is a spike or not finite; "
+                        "update skipped",
+                        done,
+                        values["loss"],
+                        values["grad_norm"],
+                    )
+                writer.write(done, values)
+                writer.progress(done, values)
+                t_last, step_last = time.perf_counter(), done
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                val = evaluate(trainer, state.params, eval_batches, bytes_per_token)
+                writer.write(done, val, split="validation")
+                summary["validation"] = val
+                t_last = time.perf_counter()
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+                ckpt.save(done, state, data_iter.get_state(), force=done == cfg.train.steps)
+            if stop_signal:
+                ckpt.save(done, state, data_iter.get_state(), force=True)
+                ckpt.wait()
+                logging.warning("signal %d: saved checkpoint %d; exiting", stop_signal[0], done)
+                raise Preempted(stop_signal[0])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        ckpt.close()
+        writer.close()
+
+    summary.update(
+        steps=cfg.train.steps,
+        tokens_per_s_median=statistics.median(throughput) if throughput else math.nan,
+        params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
+    )
+    if primary:
+        samples = []
+        if cfg.train.sample_prompts:
+            from lm.inference.sample import generate_text
+
+            prompts = cfg.train.sample_prompts.split("|")
+            texts = generate_text(
+                trainer.graphdef,
+                state.params,
+                model_cfg,
+                vocab,
+                prompts,
+                max_new_tokens=cfg.train.sample_tokens,
+                temperature=0.8,
+                top_k=40,
+                seed=cfg.seed,
+            )
+            samples = list(zip(prompts, texts))
+        summary["samples"] = samples
+        summary["report"] = write_report(workdir, cfg, samples=samples)
+    return summary
+
+
+def _resolved_model_cfg(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig):
+    """The model config group with the tokenizer's vocab size and resolved head counts."""
+    resolved = ml_collections.ConfigDict(cfg.model.to_dict())
+    resolved.vocab_size = model_cfg.vocab_size
+    resolved.num_kv_heads = model_cfg.num_kv_heads
+    resolved.head_dim = model_cfg.head_dim
+    return resolved
+
+
+def restore_params(workdir: str, step: int | None = None):
+    """(graphdef, params, model_cfg, vocab, step) of a run's newest readable (or given) checkpoint.
+
+    Restores onto the devices at hand (all on the data axis), whatever mesh trained it.
+    """
+    cfg = load_run_config(workdir)
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    vocab = load_vocabulary(cfg.tokenizer.path)
+    model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
+    trainer = Trainer(cfg, model_cfg, sharding.make_mesh(cfg.mesh))
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=cfg.train.keep_checkpoints,
+        every=1,
+        async_save=False,
+    )
+    try:
+        if step is None:
+            restored = ckpt.restore_latest(trainer.abstract_state)
+            if restored is None:
+                raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}")
+            state, _, step = restored
+        else:
+            if step not in ckpt.steps():
+                raise FileNotFoundError(
+                    f"no checkpoint {step} in {ckpt.directory}; there are {ckpt.steps()}"
+                )
+            state, _ = ckpt.restore(step, trainer.abstract_state)
+    finally:
+        ckpt.close()
+    return trainer.graphdef, state.params, model_cfg, vocab, step

@@ -1,0 +1,210 @@
+"""Train state, the loss, and the jit-compiled train and eval steps with explicit shardings.
+
+A batch is a dict of `[batch, seq]` arrays: inputs, targets, segment_ids, positions, weights.
+The train step is a pure function `(state, batch) -> (state, metrics)`; the state is donated, and
+its sharding (from the config's logical-axis rules) is the same on the way in and out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lm import sharding
+from lm.models.transformer import ModelConfig, Transformer
+from lm.training.optimizer import lr_schedule, make_optimizer
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint needs to continue training bit for bit."""
+
+    step: jax.Array  # int32 []
+    params: nnx.State
+    opt_state: Any
+    loss_ema: jax.Array  # float32 []: running mean of accepted losses, for the spike guard
+
+
+def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only params (with their `axes` metadata); allocates nothing."""
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def loss_sums(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: dict, dropout_key: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """Summed token cross-entropy (nats) and summed weights over a batch."""
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(
+        batch["inputs"], batch["positions"], batch["segment_ids"], None, None, dropout_key
+    )
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["weights"].astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+class Trainer:
+    """Builds the sharded state and the compiled steps for one config on one mesh."""
+
+    def __init__(self, cfg, model_cfg: ModelConfig, mesh: Mesh):
+        self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
+        self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
+        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
+        self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
+        self.graphdef, abstract_params = abstract_model(model_cfg, cfg.seed)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        param_shardings = sharding.state_shardings(abstract_params, mesh, self.rules)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        opt_shardings = optax.tree_map_params(
+            self.tx,
+            lambda _, s: s,
+            abstract_opt,
+            param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        self.state_shardings = TrainState(
+            step=replicated, params=param_shardings, opt_state=opt_shardings, loss_ema=replicated
+        )
+        self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
+        self.abstract_state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(self._init),
+            self.state_shardings,
+        )
+        self._train_step = jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0,),
+        )
+        self._eval_step = jax.jit(
+            self._eval,
+            in_shardings=(param_shardings, self.batch_sharding),
+            out_shardings=replicated,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _init(self) -> TrainState:
+        model = Transformer(self.model_cfg, rngs=nnx.Rngs(self.cfg.seed))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            loss_ema=jnp.zeros((), jnp.float32),
+        )
+
+    def init_state(self) -> TrainState:
+        """Fresh state, created directly in its sharded layout (no host-side full copy)."""
+        with self.mesh:
+            return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        cfg = self.cfg
+        accum = cfg.optim.grad_accum_steps
+        key = None
+        if self.model_cfg.dropout > 0:
+            key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.step)
+
+        def summed_loss(params, b, k):
+            loss_sum, weight_sum = loss_sums(self.graphdef, params, b, k)
+            return loss_sum, (loss_sum, weight_sum)
+
+        # Gradients of the summed loss; dividing by the total weight afterwards makes the
+        # accumulated update equal to the large-batch update.
+        grad_fn = jax.grad(summed_loss, has_aux=True)
+
+        def micro(carry, xs):
+            grads_acc, loss_acc, weight_acc = carry
+            mb, idx = xs
+            mkey = None if key is None else jax.random.fold_in(key, idx)
+            grads, (loss_sum, weight_sum) = grad_fn(state.params, mb, mkey)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
+
+        if accum > 1:
+            # Row r goes to micro-batch r % accum, so each device keeps its own rows.
+            def split(x):
+                return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+
+            micro_batches = {k: split(batch[k]) for k in BATCH_KEYS}
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+                micro, carry, (micro_batches, jnp.arange(accum))
+            )
+        else:
+            grads, (loss_sum, weight_sum) = grad_fn(state.params, batch, key)
+
+        denom = jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = self.tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+
+        # Loss-spike / NaN guard: a bad update is skipped and the old params kept.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        spike = (cfg.optim.spike_factor > 0) & (state.loss_ema > 0)
+        spike = spike & (loss > cfg.optim.spike_factor * state.loss_ema)
+        ok = finite & ~spike
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        ema = jnp.where(state.loss_ema > 0, 0.98 * state.loss_ema + 0.02 * loss, loss)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            loss_ema=jnp.where(ok, ema, state.loss_ema),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.schedule(state.step),
+            "tokens": weight_sum,
+            "skipped": (~ok).astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    def _eval(self, params: nnx.State, batch: dict) -> dict:
+        loss_sum, weight_sum = loss_sums(self.graphdef, params, batch, None)
+        return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with self.mesh, sharding.activation_sharding(self.mesh, self.rules):
+            return self._train_step(state, batch)
+
+    def eval_step(self, params: nnx.State, batch: dict) -> dict:
+        with self.mesh, sharding.activation_sharding(self.mesh, self.rules):
+            return self._eval_step(params, batch)
+
+    def compile(self) -> Any:
+        """AOT-compiles the train step for the configured shapes; fails early on OOM."""
+        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        batch = {
+            k: jax.ShapeDtypeStruct(
+                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=self.batch_sharding
+            )
+            for k in BATCH_KEYS
+        }
+        with self.mesh, sharding.activation_sharding(self.mesh, self.rules):
+            return self._train_step.lower(self.abstract_state, batch).compile()
+
+    def device_batch(self, local_batch: dict) -> dict:
+        """Host-local numpy rows -> global jax.Arrays laid out by the batch sharding."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
+            for k in BATCH_KEYS
+        }

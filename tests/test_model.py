@@ -1,0 +1,104 @@
+"""The transformer: shapes, packing isolation, KV cache, remat, GQA, parameter count."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm.config import get_config
+from lm.models.transformer import ModelConfig, Transformer, param_count
+from lm.training import metrics
+
+LLAMA = [
+    "--config.model.position=rope",
+    "--config.model.norm=rmsnorm",
+    "--config.model.mlp=swiglu",
+    "--config.model.num_kv_heads=2",
+    "--config.model.use_bias=false",
+    "--config.model.tie_embeddings=false",
+]
+
+
+def make(overrides=(), vocab=97):
+    cfg = get_config("tiny", ["--config.model.d_model=32", "--config.model.d_ff=64", *overrides])
+    mc = ModelConfig.from_config(cfg.model, vocab)
+    return cfg, mc, Transformer(mc, rngs=nnx.Rngs(0))
+
+
+def inputs(batch=2, seq=12, vocab=97, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, vocab, (batch, seq)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    return tokens, positions, jnp.ones((batch, seq), jnp.int32)
+
+
+@pytest.mark.parametrize("overrides", [[], LLAMA, [*LLAMA, "--config.model.scan_layers=true"]])
+def test_forward_shape_and_param_count_formula(overrides):
+    cfg, mc, model = make(overrides)
+    logits, cache = model(*inputs())
+    assert logits.shape == (2, 12, 97) and logits.dtype == jnp.float32 and cache is None
+    resolved = cfg.model
+    resolved.vocab_size = 97
+    assert param_count(nnx.state(model, nnx.Param)) == metrics.param_count(resolved)
+
+
+def test_gqa_shares_kv_heads():
+    _, mc, model = make(LLAMA)
+    assert model.blocks[0].attn.q.kernel.shape == (32, 4, 8)
+    assert model.blocks[0].attn.k.kernel.shape == (32, 2, 8)
+
+
+@pytest.mark.parametrize("overrides", [[], LLAMA])
+def test_packed_documents_do_not_see_each_other(overrides):
+    """Changing document 1 of a packed row leaves document 2's logits unchanged."""
+    _, _, model = make(overrides)
+    tokens, _, _ = inputs(batch=1, seq=10)
+    segments = jnp.asarray([[1] * 4 + [2] * 6], jnp.int32)
+    positions = jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]], jnp.int32)
+    logits_a, _ = model(tokens, positions, segments)
+    logits_b, _ = model(tokens.at[0, :4].set(5), positions, segments)
+    np.testing.assert_allclose(logits_a[0, 4:], logits_b[0, 4:], atol=1e-5)
+    assert not np.allclose(logits_a[0, :4], logits_b[0, :4])
+    # And document 2 alone, at positions 0..5, gives the same logits as inside the pack.
+    alone, _ = model(tokens[:, 4:], positions[:, 4:], jnp.ones((1, 6), jnp.int32))
+    np.testing.assert_allclose(alone[0], logits_a[0, 4:], atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [[], [*LLAMA, "--config.model.scan_layers=true"]])
+def test_kv_cache_matches_full_forward(overrides):
+    _, _, model = make(overrides)
+    tokens, positions, segments = inputs(batch=2, seq=12)
+    full, _ = model(tokens, positions, segments)
+    cache = model.init_cache(2, 16)
+    prefill, cache = model(tokens[:, :7], positions[:, :7], segments[:, :7], cache, jnp.int32(0))
+    np.testing.assert_allclose(prefill, full[:, :7], atol=1e-5)
+    for i in range(7, 12):
+        step, cache = model(
+            tokens[:, i : i + 1], positions[:, i : i + 1], segments[:, :1], cache, jnp.int32(i)
+        )
+        np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients(remat):
+    _, _, plain = make()
+    _, _, rematted = make([f"--config.model.remat={remat}"])
+    batch = inputs()
+
+    def grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            return jnp.mean(nnx.merge(graphdef, p)(*batch)[0] ** 2)
+
+        return jax.grad(loss)(params)
+
+    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(rematted))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_model_config_names_the_key():
+    cfg = get_config("tiny", ["--config.model.num_kv_heads=3"])
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelConfig.from_config(cfg.model, 97)
