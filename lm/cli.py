@@ -24,7 +24,7 @@ def _quiet_logs() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow", "root"):
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
             tie_embeddings=True,
             dropout=0.0,
             init_std=0.02,
-            dtype="auto",  # compute dtype: auto (bfloat16 off-CPU, float32 on CPU) | float32 | bfloat16
+            dtype="auto",  # auto (bfloat16 off-CPU, float32 on CPU) | float32 | bfloat16
             param_dtype="float32",
             remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
             scan_layers=False,

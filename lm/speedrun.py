@@ -71,7 +71,7 @@ def speedrun(workdir: str) -> int:
     ]
     with open(os.path.join(workdir, "speedrun.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("--- sample (checkpoint %d) ---\n%s%s\n---" % (step, prompt, text))
+    print(f"--- sample (checkpoint {step}) ---\n{prompt}{text}\n---")
     if val:
         print(f"validation loss {val['loss']:.4f}  bits/byte {val['bits_per_byte']:.3f}")
     print(f"report: {summary['report']}")

@@ -1,0 +1,1 @@
+"""Text documents (`sources`) and packed, checkpointable training batches (`pipeline`)."""

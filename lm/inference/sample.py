@@ -16,6 +16,7 @@ import seqio
 from flax import nnx
 
 from lm.models.transformer import ModelConfig
+from lm.tokenizer.sentencepiece_tokenizer import BOS_ID
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
@@ -55,7 +56,7 @@ def generate(
     max_new_tokens: int,
     top_k: int,
 ) -> jax.Array:
-    """prompt [batch, bucket] (right-padded; `prompt_len` real tokens) -> [batch, max_new_tokens]."""
+    """prompt [batch, bucket] (right-padded, `prompt_len` real) -> [batch, max_new_tokens]."""
     model = nnx.merge(graphdef, params)
     batch, bucket = prompt.shape
     cache = model.init_cache(batch, bucket + max_new_tokens)
@@ -100,9 +101,9 @@ def generate_text(
     max_new_tokens = min(max_new_tokens, model_cfg.max_seq_len - 1)
     texts = []
     for p_index, text in enumerate(prompts):
-        ids = list(vocab.encode(text)) or [vocab.eos_id]
         room = model_cfg.max_seq_len - max_new_tokens
-        ids = ids[-room:]
+        # Training rows start every document with BOS; so does every prompt.
+        ids = [BOS_ID, *list(vocab.encode(text))[-(room - 1) :]]
         bucket = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
         prompt = np.zeros((num_samples, bucket), np.int32)
         prompt[:, : len(ids)] = ids

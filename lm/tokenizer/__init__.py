@@ -1,0 +1,1 @@
+"""SentencePiece tokenizers: train, load as a seqio vocabulary, measure compression."""

@@ -133,7 +133,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state, start = trainer.init_state(), 0
 
     writer = metrics_lib.MetricsWriter(workdir, is_primary=primary, total_steps=cfg.train.steps)
-    writer.truncate_after(start)
+    writer.truncate_after(start + 1)  # keep what was logged up to the checkpoint
     eval_batches = make_eval_batches(
         cfg, vocab, workdir, cfg.train.eval_batches, jax.process_index(), jax.process_count()
     )

@@ -1,0 +1,148 @@
+"""Deduplication and decontamination primitives (the Beam wiring lives in pipeline.py).
+
+- Exact: a hash of the normalized text (lowercased, punctuation-free words) groups documents that
+  differ only in case, spacing or punctuation.
+- Near: MinHash over word 5-grams with `bands x rows` locality-sensitive hashing (FineWeb's
+  14 x 8 by default). The permutations are multiply-shift hashes over 64-bit shingle hashes,
+  applied to all shingles and all permutations as one numpy broadcast.
+- Clusters: connected components of the candidate pairs (union-find); the smallest id is kept,
+  which is deterministic whatever order the runner delivers pairs in.
+- Decontamination: 13-gram hashes of registered evaluation sets; a document sharing any 13-gram
+  with them is removed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import xxhash
+
+from lm.curate.textstats import TextView, hash_words, ngram_hashes
+
+
+def exact_key(view: TextView) -> str:
+    """Hex hash of the normalized words: equal for documents differing only in case/spacing."""
+    return xxhash.xxh128_hexdigest(" ".join(view.norm_words).encode("utf-8"))
+
+
+class MinHasher:
+    """MinHash signatures and LSH band keys; the same seed gives the same keys in every worker."""
+
+    def __init__(self, bands: int = 14, rows: int = 8, ngram: int = 5, seed: int = 1):
+        self.bands, self.rows, self.ngram = bands, rows, ngram
+        rng = np.random.default_rng(seed)
+        n = bands * rows
+        self.mul = (rng.integers(1, 2**63, size=n, dtype=np.uint64) * np.uint64(2) + np.uint64(1))[
+            :, None
+        ]
+        self.add = rng.integers(0, 2**63, size=n, dtype=np.uint64)[:, None]
+
+    def signature(self, view: TextView) -> np.ndarray | None:
+        """`bands * rows` uint32 minima, or None when the text has fewer words than one shingle."""
+        shingles = ngram_hashes(view.word_hashes, self.ngram)
+        if len(shingles) == 0:
+            return None
+        shingles = np.unique(shingles)
+        with np.errstate(over="ignore"):
+            hashed = self.mul * shingles[None, :] + self.add
+        return (hashed.min(axis=1) >> np.uint64(32)).astype(np.uint32)
+
+    def band_keys(self, signature: np.ndarray) -> list[str]:
+        """One bucket key per band: band index + hash of that band's rows."""
+        rows = signature.reshape(self.bands, self.rows)
+        return [f"{b}:{xxhash.xxh64_hexdigest(rows[b].tobytes())}" for b in range(self.bands)]
+
+    @staticmethod
+    def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean(a == b))
+
+
+def bucket_pairs(ids: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Candidate pairs of one LSH bucket as a star around its smallest id (enough to connect
+    the bucket, with len-1 pairs instead of len^2/2)."""
+    members = sorted(set(ids))
+    for other in members[1:]:
+        yield members[0], other
+
+
+def connected_components(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Union-find over pairs: id -> smallest id of its component (only ids in some pair)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in pairs:
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            if rb < ra:
+                ra, rb = rb, ra
+            parent[rb] = ra
+    return {x: find(x) for x in parent}
+
+
+# Evaluation sets: name -> function yielding texts. Paths in config are loaded directly.
+EVAL_SETS: dict[str, Callable[[], Iterable[str]]] = {}
+
+
+def register_eval_set(name: str, loader: Callable[[], Iterable[str]]) -> None:
+    """Registers an evaluation set so configs can name it in `decontam.eval_sets`."""
+    EVAL_SETS[name] = loader
+
+
+def read_eval_file(path: str, field: str = "text") -> Iterator[str]:
+    """Texts of an eval-set file: JSONL (every string value of `field`, or of all fields when
+    absent) or plain text (one example per non-empty line)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith((".jsonl", ".json")):
+                record = json.loads(line)
+                if field in record:
+                    yield str(record[field])
+                else:
+                    yield " ".join(str(v) for v in record.values() if isinstance(v, str))
+            else:
+                yield line
+
+
+def eval_texts(spec: str) -> Iterator[str]:
+    """Texts of every comma-separated registered name or file path in `spec`."""
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item in EVAL_SETS:
+            yield from EVAL_SETS[item]()
+        else:
+            yield from read_eval_file(item)
+
+
+class Decontaminator:
+    """Rejects documents that share any word n-gram (13 by default) with the evaluation texts."""
+
+    def __init__(self, texts: Iterable[str], ngram: int = 13):
+        self.ngram = ngram
+        grams = [ngram_hashes(hash_words(TextView(t).norm_words), ngram) for t in texts]
+        self.index = np.unique(np.concatenate(grams)) if grams else np.zeros(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def check(self, view: TextView) -> str | None:
+        if len(self.index) == 0:
+            return None
+        grams = ngram_hashes(view.word_hashes, self.ngram)
+        if len(grams) and np.isin(grams, self.index, assume_unique=False).any():
+            return "eval_ngram_overlap"
+        return None

@@ -1,0 +1,106 @@
+"""Prose quality filters: Gopher quality, Gopher repetition (Rae et al. 2021) and FineWeb's rules.
+
+Each filter takes the shared `TextView` and its config group (a plain dict) and returns None to
+keep the document or a short reason string (`<rule>`) naming the rule that removed it; the reasons
+are what the report counts. Defaults are the published thresholds (Gopher Table A1; FineWeb's
+`FineWebQualityFilter`), every one overridable with `--config.<group>.<key>=value`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lm.curate.textstats import (
+    TextView,
+    duplicate_fraction,
+    duplicate_ngram_char_fraction,
+    top_ngram_char_fraction,
+)
+
+# A whitespace-separated token made only of digits, underscores and symbols: no letter in it.
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:[\d_]|[^\w\s])+(?!\S)")
+_BULLETS = ("-", "*", "•", "‣", "◦", "⁃", "●", "▪", "–", "—", "·")
+_ELLIPSES = ("...", "…")
+_TERMINAL = (".", "!", "?", '"', "'", "”", "’", ":", ";", "。", "！", "？")
+
+
+def _csv(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def gopher_quality(view: TextView, cfg: dict[str, Any]) -> str | None:
+    """Gopher's quality heuristics: document length, word shape, symbols, bullets, stop words."""
+    words = view.words
+    n = len(words)
+    if n < cfg["min_words"]:
+        return "too_few_words"
+    if n > cfg["max_words"]:
+        return "too_many_words"
+    norm = view.norm_words
+    mean_len = sum(map(len, norm)) / max(len(norm), 1)
+    if mean_len < cfg["min_mean_word_length"]:
+        return "mean_word_length_low"
+    if mean_len > cfg["max_mean_word_length"]:
+        return "mean_word_length_high"
+    text = view.text
+    symbols = text.count("#") + text.count("...") + text.count("…")
+    if symbols / n > cfg["max_symbol_word_ratio"]:
+        return "symbol_word_ratio"
+    lines = view.nonempty_lines
+    if lines:
+        bullets = sum(1 for s in lines if s.startswith(_BULLETS))
+        if bullets / len(lines) > cfg["max_bullet_lines_frac"]:
+            return "bullet_lines"
+        ellipses = sum(1 for s in lines if s.endswith(_ELLIPSES))
+        if ellipses / len(lines) > cfg["max_ellipsis_lines_frac"]:
+            return "ellipsis_lines"
+    alpha = n - len(_NO_LETTER_WORD.findall(text))
+    if alpha / n < cfg["min_alpha_words_frac"]:
+        return "alpha_words"
+    stop = set(_csv(cfg["stop_words"]))
+    if sum(1 for w in norm if w in stop) < cfg["min_stop_words"]:
+        return "stop_words"
+    return None
+
+
+def gopher_repetition(view: TextView, cfg: dict[str, Any]) -> str | None:
+    """Gopher's repetition removal: repeated lines, paragraphs and word n-grams."""
+    line_frac, line_chars = duplicate_fraction(view.nonempty_lines)
+    if line_frac > cfg["max_dup_line_frac"]:
+        return "dup_line_frac"
+    para_frac, para_chars = duplicate_fraction(view.paragraphs)
+    if para_frac > cfg["max_dup_para_frac"]:
+        return "dup_para_frac"
+    if line_chars > cfg["max_dup_line_char_frac"]:
+        return "dup_line_char_frac"
+    if para_chars > cfg["max_dup_para_char_frac"]:
+        return "dup_para_char_frac"
+    for n, limit in zip((2, 3, 4), cfg["max_top_ngram_char_frac"]):
+        if top_ngram_char_fraction(view, n) > limit:
+            return f"top_{n}gram_char_frac"
+    for n, limit in zip(range(5, 11), cfg["max_dup_ngram_char_frac"]):
+        if duplicate_ngram_char_fraction(view, n) > limit:
+            return f"dup_{n}gram_char_frac"
+    return None
+
+
+def fineweb_quality(view: TextView, cfg: dict[str, Any]) -> str | None:
+    """FineWeb's extra rules: too few lines ending in punctuation, too many short or repeated
+    lines, and list-like pages (many newlines per word)."""
+    lines = view.nonempty_lines
+    if not lines:
+        return "no_lines"
+    punct = sum(1 for s in lines if s.endswith(_TERMINAL))
+    if punct / len(lines) < cfg["min_line_punct_frac"]:
+        return "line_punct_frac"
+    short = sum(1 for s in lines if len(s) <= cfg["short_line_chars"])
+    if short / len(lines) > cfg["max_short_line_frac"]:
+        return "short_line_frac"
+    _, dup_chars = duplicate_fraction(lines)
+    if dup_chars > cfg["max_dup_line_char_frac"]:
+        return "dup_line_char_frac"
+    words = max(len(view.words), 1)
+    if view.text.count("\n") / words > cfg["max_newline_word_ratio"]:
+        return "list_like"
+    return None

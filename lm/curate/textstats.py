@@ -1,0 +1,152 @@
+"""One tokenization per document, shared by every filter and by MinHash.
+
+The quality filters, the repetition statistics, decontamination and MinHash all look at the same
+words and lines. Splitting, lowercasing and hashing them once (lazily, on first use) is what keeps
+the per-document chain at well over a thousand documents per second per core: the n-gram
+statistics then run as a handful of vectorized numpy operations over 64-bit word hashes instead
+of Python loops over tuples of strings.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from functools import cached_property
+
+import numpy as np
+import xxhash
+
+_PUNCT = string.punctuation + "“”‘’«»…–—"
+_PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
+# Odd 64-bit multiplier for the polynomial n-gram hash (wraps modulo 2**64, which is intended).
+_NGRAM_MUL = np.uint64(0x9E3779B97F4A7C15)
+_hash64 = xxhash.xxh64_intdigest
+
+
+_CACHE: dict[str, int] = {}
+_CACHE_LIMIT = 2_000_000
+
+
+def hash_words(words: list[str]) -> np.ndarray:
+    """Stable 64-bit hashes (the same in every process, unlike `hash()`), one per word.
+
+    Word frequencies are Zipfian, so a per-process cache turns most lookups into a C-level
+    dict access; only words never seen before are hashed."""
+    cache = _CACHE
+    missing = set(words).difference(cache)
+    if missing:
+        if len(cache) + len(missing) > _CACHE_LIMIT:
+            cache.clear()
+            missing = set(words)
+        for w in missing:
+            cache[w] = _hash64(w.encode("utf-8"))
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+
+
+def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:
+    """Hash of every run of `n` consecutive words, computed for all positions at once."""
+    count = len(word_hashes) - n + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    out = word_hashes[:count].copy()
+    with np.errstate(over="ignore"):
+        for k in range(1, n):
+            out *= _NGRAM_MUL
+            out += word_hashes[k : k + count]
+    return out
+
+
+class TextView:
+    """Lazily computed views of one document's text; each is computed at most once."""
+
+    __slots__ = ("text", "__dict__")
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @cached_property
+    def lines(self) -> list[str]:
+        return self.text.split("\n")
+
+    @cached_property
+    def nonempty_lines(self) -> list[str]:
+        return [s for s in (line.strip() for line in self.lines) if s]
+
+    @cached_property
+    def paragraphs(self) -> list[str]:
+        return [p.strip() for p in _PARAGRAPH_SPLIT.split(self.text) if p.strip()]
+
+    @cached_property
+    def words(self) -> list[str]:
+        return self.text.split()
+
+    @cached_property
+    def lower_words(self) -> list[str]:
+        return self.text.lower().split()
+
+    @cached_property
+    def norm_words(self) -> list[str]:
+        """Lowercased words without surrounding punctuation; punctuation-only words dropped."""
+        stripped = (w.strip(_PUNCT) for w in self.lower_words)
+        return [w for w in stripped if w]
+
+    @cached_property
+    def word_hashes(self) -> np.ndarray:
+        """Hashes of `norm_words`: repetition statistics, MinHash and decontamination all use
+        these (robust to case and punctuation), so words are hashed once per document."""
+        return hash_words(self.norm_words)
+
+    @cached_property
+    def word_lengths(self) -> np.ndarray:
+        """Characters per word of `norm_words` (weights for the n-gram character fractions)."""
+        return np.fromiter(map(len, self.norm_words), dtype=np.int64, count=len(self.norm_words))
+
+
+def duplicate_fraction(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, fraction of characters in those items)."""
+    if not items:
+        return 0.0, 0.0
+    seen: set[str] = set()
+    dup_items = dup_chars = total_chars = 0
+    for item in items:
+        total_chars += len(item)
+        if item in seen:
+            dup_items += 1
+            dup_chars += len(item)
+        else:
+            seen.add(item)
+    return dup_items / len(items), dup_chars / max(total_chars, 1)
+
+
+def top_ngram_char_fraction(view: TextView, n: int) -> float:
+    """Characters covered by the most frequent word n-gram, over all word characters."""
+    lengths = view.word_lengths
+    total = int(lengths.sum())
+    grams = ngram_hashes(view.word_hashes, n)
+    if total == 0 or len(grams) == 0:
+        return 0.0
+    uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
+    best = int(np.argmax(counts))
+    if counts[best] <= 1:
+        return 0.0
+    start = int(first[best])
+    gram_chars = int(lengths[start : start + n].sum())
+    return gram_chars * int(counts[best]) / total
+
+
+def duplicate_ngram_char_fraction(view: TextView, n: int) -> float:
+    """Characters inside any repeated occurrence of a word n-gram (each counted once)."""
+    lengths = view.word_lengths
+    total = int(lengths.sum())
+    grams = ngram_hashes(view.word_hashes, n)
+    if total == 0 or len(grams) == 0:
+        return 0.0
+    _, first, inverse = np.unique(grams, return_index=True, return_inverse=True)
+    starts = np.nonzero(first[inverse] != np.arange(len(grams)))[0]
+    if len(starts) == 0:
+        return 0.0
+    cover = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.add.at(cover, starts, 1)
+    np.add.at(cover, starts + n, -1)
+    mask = np.cumsum(cover[:-1]) > 0
+    return int(lengths[mask].sum()) / total

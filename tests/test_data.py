@@ -1,0 +1,275 @@
+"""Document sources, the seqio task + packing, and the checkpointable batch iterator."""
+
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import seqio  # noqa: E402
+
+from lm.config import default_config  # noqa: E402
+from lm.data import pipeline, sources  # noqa: E402
+from lm.data.sources import DataError, chunk_text, iter_documents  # noqa: E402
+from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer  # noqa: E402
+
+SEQ, BATCH = 32, 4
+
+
+def make_docs(n: int = 30) -> list[str]:
+    """Distinct documents of varied length, most longer than one SEQ-token row."""
+    docs = []
+    for i in range(n):
+        body = "".join(f"    value_{i}_{j} = compute({j}, {i})\n" for j in range(1 + i % 7))
+        docs.append(f"def function_{i}(x):\n{body}    return x  # doc {i}\n")
+    return docs
+
+
+def dir_cfg(root: str, **data):
+    cfg = default_config()
+    cfg.data.update(source="dir", path=root, seq_len=SEQ, batch_size=BATCH)
+    cfg.data.update(**{"validation_fraction": 0.2, **data})
+    cfg.tokenizer.update(vocab_size=100, byte_fallback=False)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(cfg, vocab, workdir) over 30 small .py files with a 100-piece BPE tokenizer."""
+    root = tmp_path_factory.mktemp("docs")
+    for i, doc in enumerate(make_docs()):
+        (root / f"doc_{i:02d}.py").write_text(doc)
+    cfg = dir_cfg(str(root))
+    vocab_path = train_tokenizer(cfg.data, cfg.tokenizer, str(tmp_path_factory.mktemp("tok")))
+    return cfg, load_vocabulary(vocab_path), str(tmp_path_factory.mktemp("work"))
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_text_source_chunks_a_big_file_without_losing_text(tmp_path):
+    paras = [f"Paragraph {i}.\n" + "words and more words\n" * (5 + i % 40) for i in range(120)]
+    text = "\n".join(paras)
+    path = tmp_path / "input.txt"
+    path.write_text(text)
+    assert "".join(chunk_text(text)) == text
+    cfg = default_config()
+    cfg.data.update(source="text", path=str(path))
+    train = list(iter_documents(cfg.data, "train"))
+    val = list(iter_documents(cfg.data, "validation"))
+    assert len(train) > 10 and val  # a validation split exists even for one file
+    assert max(len(d) for d in train) < 3 * sources.TEXT_CHUNK_BYTES
+    assert sorted(train + val) == sorted(chunk_text(text))
+
+
+def test_dir_source_include_exclude(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("a")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("b")
+    (tmp_path / "pkg" / "sub" / "skip_me.py").write_text("skip")
+    (tmp_path / "pkg" / "c.md").write_text("c")
+    (tmp_path / "pkg" / "d.bin").write_bytes(b"\xff\xfe\x00")
+    cfg = default_config()
+    cfg.data.update(source="dir", path=str(tmp_path), include="*.py,*.md", exclude="skip_*")
+    cfg.data.validation_fraction = 0.0
+    assert sorted(iter_documents(cfg.data, "train")) == ["a", "b", "c"]
+    cfg.data.include = "*"  # the binary file is skipped and counted, never a crash
+    assert sorted(iter_documents(cfg.data, "train")) == ["a", "b", "c"]
+    assert sources.last_skip_stats.not_utf8 == 1
+
+
+def test_jsonl_source_and_malformed_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [json.dumps({"content": f"doc {i}"}) for i in range(5)]
+    path.write_text("\n".join(rows) + "\n\n")
+    cfg = default_config()
+    cfg.data.update(source="jsonl", path=str(path), jsonl_field="content")
+    cfg.data.validation_fraction = 0.0
+    assert list(iter_documents(cfg.data, "train")) == [f"doc {i}" for i in range(5)]
+    path.write_text(rows[0] + "\n" + rows[1] + "\n{not json\n")
+    with pytest.raises(DataError, match=r"data.jsonl:3: malformed JSON"):
+        list(iter_documents(cfg.data, "train"))
+    cfg.data.jsonl_field = "text"
+    path.write_text(rows[0] + "\n")
+    with pytest.raises(DataError, match=r"data.jsonl:1: no string field 'text'"):
+        list(iter_documents(cfg.data, "train"))
+
+
+def test_stdlib_source_with_max_documents():
+    cfg = default_config()
+    cfg.data.update(source="stdlib", max_documents=40, validation_fraction=0.1)
+    train = list(iter_documents(cfg.data, "train"))
+    val = list(iter_documents(cfg.data, "validation"))
+    assert 30 <= len(train) + len(val) <= 40 and val
+    assert all(isinstance(d, str) and d for d in train)
+    assert train == list(iter_documents(cfg.data, "train"))  # deterministic
+
+
+@pytest.mark.parametrize("source", ["text", "dir", "jsonl"])
+def test_missing_path_names_path_and_key(source, tmp_path):
+    cfg = default_config()
+    cfg.data.update(source=source, path=str(tmp_path / "missing"))
+    with pytest.raises(DataError, match=r"missing.*--config\.data\.path"):
+        list(iter_documents(cfg.data, "train"))
+    cfg.data.path = ""
+    with pytest.raises(DataError, match=r"--config\.data\.path"):
+        list(iter_documents(cfg.data, "train"))
+
+
+def test_splits_disjoint_and_shards_partition(corpus):
+    cfg = corpus[0]
+    train = list(iter_documents(cfg.data, "train"))
+    val = list(iter_documents(cfg.data, "validation"))
+    assert val and not set(train) & set(val)
+    assert sorted(train + val) == sorted(make_docs())
+    shards = [list(iter_documents(cfg.data, "train", i, 3)) for i in range(3)]
+    assert all(shards)
+    assert sorted(sum(shards, [])) == sorted(train)
+    assert sum(len(s) for s in shards) == len(set(sum(shards, [])))
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packed_rows_are_consistent_and_lose_no_token(corpus):
+    cfg, vocab, workdir = corpus
+    rows, meta = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    inputs, targets = np.asarray(rows["inputs"]), np.asarray(rows["targets"])
+    seg, pos, w = np.asarray(rows["segment_ids"]), np.asarray(rows["positions"]), rows["weights"]
+    assert targets.shape[1] == SEQ and targets.dtype == np.int32 and w.dtype == np.float32
+    expected = sum(len(vocab.encode(d)) + 1 for d in iter_documents(cfg.data, "train"))
+    assert int((seg > 0).sum()) == int(w.sum()) == meta["tokens"] == expected
+    assert ((targets == vocab.eos_id) & (seg > 0)).sum() == len(
+        list(iter_documents(cfg.data, "train"))
+    )
+    assert np.all((seg == 0) == (w == 0)) and np.all(targets[seg == 0] == 0)
+    for r in range(len(seg)):
+        starts = np.flatnonzero(np.diff(seg[r], prepend=-1) != 0)
+        for s, e in zip(starts, [*starts[1:], SEQ]):
+            if seg[r, s] == 0:
+                continue
+            assert list(pos[r, s:e]) == list(range(e - s))  # positions restart per segment
+            assert inputs[r, s] == pipeline.BOS_ID
+            assert list(inputs[r, s + 1 : e]) == list(targets[r, s : e - 1])  # shifted by one
+    # Reused from the cache: the second call does not rebuild.
+    again, meta2 = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    assert meta2 == meta and np.array_equal(again["targets"], targets)
+
+
+def test_documents_are_cut_into_pieces_not_truncated(corpus):
+    """Each segment is one consecutive <= SEQ-token piece of (document tokens + EOS)."""
+    cfg, vocab, workdir = corpus
+    rows, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "validation")
+    targets, seg = np.asarray(rows["targets"]), np.asarray(rows["segment_ids"])
+    got = [
+        tuple(int(t) for t in targets[r][seg[r] == s])
+        for r in range(len(seg))
+        for s in np.unique(seg[r][seg[r] > 0])
+    ]
+    expected, longest = [], 0
+    for doc in iter_documents(cfg.data, "validation"):
+        ids = [*vocab.encode(doc), vocab.eos_id]
+        longest = max(longest, len(ids))
+        expected += [tuple(ids[i : i + SEQ]) for i in range(0, len(ids), SEQ)]
+    assert longest > 2 * SEQ  # the corpus really has documents longer than a row
+    assert sorted(got) == sorted(expected)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_iterator_is_deterministic_and_resumes_exactly(corpus):
+    cfg, vocab, workdir = corpus
+    it = pipeline.make_train_iterator(cfg, vocab, workdir)
+    first = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(it.get_state()))
+    rest = [next(it) for _ in range(3)]
+    for a, b in zip(first, [next(pipeline.make_train_iterator(cfg, vocab, workdir)) for _ in [0]]):
+        assert all(np.array_equal(a[k], b[k]) for k in pipeline.FEATURES)
+    resumed = pipeline.make_train_iterator(cfg, vocab, workdir)
+    resumed.set_state(state)
+    for a, b in zip(rest, [next(resumed) for _ in range(3)]):
+        for k in pipeline.FEATURES:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])
+    batch = first[0]
+    assert set(batch) == set(pipeline.FEATURES)
+    assert all(v.shape == (BATCH, SEQ) for v in batch.values())
+    assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
+
+
+def test_iterator_is_infinite_and_reshuffles_epochs(corpus):
+    cfg, vocab, workdir = corpus
+    it = pipeline.make_train_iterator(cfg, vocab, workdir)
+    n = int(it.get_state()["rows"])
+    seen = np.concatenate([next(it)["targets"] for _ in range(2 * n // BATCH + 1)])
+    epoch0 = seen[:n]
+    assert len({r.tobytes() for r in epoch0}) == len({r.tobytes() for r in seen})  # all rows
+    assert not np.array_equal(epoch0, seen[n : 2 * n])  # a new order each epoch
+
+
+def test_per_host_batches(corpus):
+    cfg, vocab, workdir = corpus
+    a = next(pipeline.make_train_iterator(cfg, vocab, workdir, 0, 2))
+    b = next(pipeline.make_train_iterator(cfg, vocab, workdir, 1, 2))
+    assert a["targets"].shape == b["targets"].shape == (BATCH // 2, SEQ)
+    assert not np.array_equal(a["targets"], b["targets"])
+    with pytest.raises(DataError, match="not divisible"):
+        pipeline.make_train_iterator(cfg, vocab, workdir, 0, 3)
+
+
+def test_eval_batches_and_bytes_per_token(corpus):
+    cfg, vocab, workdir = corpus
+    one = pipeline.make_eval_batches(cfg, vocab, workdir, 3)
+    two = pipeline.make_eval_batches(cfg, vocab, workdir, 3)
+    assert len(one) == 3 and all(b["targets"].shape == (BATCH, SEQ) for b in one)
+    assert all(np.array_equal(x[k], y[k]) for x, y in zip(one, two) for k in x)
+    val = list(iter_documents(cfg.data, "validation"))
+    tokens = sum(len(vocab.encode(d)) + 1 for d in val)
+    bpt = pipeline.validation_bytes_per_token(cfg, vocab, workdir)
+    assert bpt == pytest.approx(sum(len(d.encode()) for d in val) / tokens)
+
+
+def test_zero_rows_is_a_data_error(corpus):
+    cfg, vocab, workdir = corpus
+    cfg = dir_cfg(cfg.data.path, validation_fraction=0.0)
+    with pytest.raises(DataError, match="zero validation rows"):
+        pipeline.make_eval_batches(cfg, vocab, workdir, 1)
+
+
+def test_registered_task_source(corpus):
+    from data_mixtures import register_text_task
+
+    cfg, vocab, workdir = corpus
+    name = register_text_task(cfg.data, vocab.sentencepiece_model_file)
+    assert register_text_task(cfg.data, vocab.sentencepiece_model_file) == name
+    assert name in seqio.TaskRegistry.names()
+    task_cfg = dir_cfg("", source="task", task=name)
+    direct, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    via_task, _ = pipeline.load_packed_rows(task_cfg, vocab, workdir, "train")
+    assert np.array_equal(direct["targets"], via_task["targets"])
+    assert pipeline.validation_bytes_per_token(task_cfg, vocab, workdir) == pytest.approx(
+        pipeline.validation_bytes_per_token(cfg, vocab, workdir), rel=0.05
+    )
+
+
+def test_tfds_source_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = default_config()
+    cfg.data.update(source="tfds", tfds_name="tiny_shakespeare", validation_fraction=0.3)
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        train = list(iter_documents(cfg.data, "train"))
+        val = list(iter_documents(cfg.data, "validation"))
+        shards = [list(iter_documents(cfg.data, "train", i, 2)) for i in range(2)]
+    assert len(train) + len(val) == 12 and all(isinstance(d, str) for d in train)
+    assert sorted(shards[0] + shards[1]) == sorted(train)
+
+
+def test_cache_is_rebuilt_when_the_data_changes(corpus, tmp_path):
+    _, vocab, workdir = corpus
+    (tmp_path / "a.py").write_text(make_docs()[3] * 2)
+    cfg = dir_cfg(str(tmp_path), validation_fraction=0.0)
+    before, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    (tmp_path / "a.py").write_text(make_docs()[3])
+    after, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    assert int((after["segment_ids"] > 0).sum()) < int((before["segment_ids"] > 0).sum())
