@@ -30,11 +30,23 @@ def corpus(tmp_path_factory):
 
 def command(workdir, corpus, *extra):
     return [
-        sys.executable, "-m", "lm.cli", "train", "--experiment=char_tiny", f"--workdir={workdir}",
-        f"--config.data.path={corpus}", "--config.model.num_layers=1", "--config.model.d_model=32",
-        "--config.model.d_ff=64", "--config.model.dropout=0.1", f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.eval_every=12",
-        "--config.train.checkpoint_every=4", "--config.train.sample_prompts=", *extra,
+        sys.executable,
+        "-m",
+        "lm.cli",
+        "train",
+        "--experiment=char_tiny",
+        f"--workdir={workdir}",
+        f"--config.data.path={corpus}",
+        "--config.model.num_layers=1",
+        "--config.model.d_model=32",
+        "--config.model.d_ff=64",
+        "--config.model.dropout=0.1",
+        f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=12",
+        "--config.train.checkpoint_every=4",
+        "--config.train.sample_prompts=",
+        *extra,
     ]
 
 
@@ -70,8 +82,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus):
     assert sorted(reference) == list(range(1, STEPS + 1))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed, corpus), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(killed, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_step(killed, proc, 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -87,8 +100,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus):
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     workdir = tmp_path / "term"
-    proc = subprocess.Popen(command(workdir, corpus, "--config.train.checkpoint_every=1000"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(workdir, corpus, "--config.train.checkpoint_every=1000"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(workdir, proc, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -155,7 +155,7 @@ class DocumentProcessor:
                         return reject(step, reason)
                     trace.append((step, trace[-1][1]))
             if cfg["c4"]["enabled"]:
-                new_text, reason = self.c4(text)
+                new_text, reason = self.c4(text, view.norm_words)
                 if reason:
                     return reject("c4", reason)
                 if new_text != text:
@@ -169,7 +169,7 @@ class DocumentProcessor:
                 trace.append(("fineweb", trace[-1][1]))
 
         if cfg["blocklist"]["enabled"]:
-            reason = self.blocklist.check(view.norm_words, text.lower())
+            reason = self.blocklist.check(view.norm_words, view.lower_text)
             if reason:
                 return reject("blocklist", reason)
             trace.append(("blocklist", trace[-1][1]))

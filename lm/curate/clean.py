@@ -72,9 +72,10 @@ def clean_text(text: str, *, is_code: bool, is_web: bool, cfg: dict) -> str:
         text = unicodedata.normalize("NFC", text)
         text = _ODD_SPACE.sub(" ", text)
     text = _CONTROL.sub("", text)
-    if not is_code:
+    if not is_code and ("  " in text or "\t" in text):
         text = _INNER_SPACES.sub(" ", text)
-    text = _TRAILING.sub("", text)
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING.sub("", text)
     if is_web and cfg["boilerplate"]:
         text = remove_boilerplate(text, cfg["boilerplate_max_words"])
     text = _BLANK_RUNS.sub("\n\n", text)

@@ -62,18 +62,19 @@ class LanguageIdentifier:
         """Unnormalized class log-probabilities of the text's prefix."""
         data = text[: self.prefix_chars].encode("utf-8")
         nextmove = self._nextmove
-        state = 0
-        states = []
-        append = states.append
-        for byte in data:
-            state = nextmove[(state << 8) + byte]
-            append(state)
-        if not states:
+        if not data:
             return self._pc.copy()
-        visited, counts = np.unique(np.asarray(states, dtype=np.int64), return_counts=True)
+        state = 0
+        states = np.fromiter(
+            (state := nextmove[(state << 8) + byte] for byte in data),
+            dtype=np.int64,
+            count=len(data),
+        )
+        counts = np.bincount(states)
+        visited = np.flatnonzero(counts)
         rows = self._row_of_state[visited]
         has = rows >= 0
-        return counts[has].astype(np.float64) @ self._state_logp[rows[has]] + self._pc
+        return counts[visited[has]].astype(np.float64) @ self._state_logp[rows[has]] + self._pc
 
     def classify(self, text: str) -> tuple[str, float]:
         """(language code, probability in [0, 1])."""

@@ -204,14 +204,13 @@ def read_parquet(path: str, rel: str, src: dict[str, Any]) -> Iterator[dict[str,
 
 def read_warc(path: str, rel: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """HTML responses (text extracted later by the chain) and WET conversion records."""
-    from fastwarc.stream_io import FileStream, GZipStream
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
-    stream = FileStream(path, "rb")
-    if path.endswith(".gz"):
-        stream = GZipStream(stream)
     types = WarcRecordType.response | WarcRecordType.conversion | WarcRecordType.resource
-    for index, record in enumerate(ArchiveIterator(stream, record_types=types, parse_http=True)):
+    records = ArchiveIterator(
+        path, record_types=types, parse_http=True, stream_detect=True, fsspec_args=False
+    )
+    for index, record in enumerate(records):
         if src["max_documents"] and index >= src["max_documents"]:
             return
         url = record.headers.get("WARC-Target-URI", "") or ""

@@ -54,7 +54,7 @@ def code(rng: random.Random, n_functions: int = 6) -> str:
             f"def {name}({arg}, factor={rng.randint(2, 9)}):",
             f'    """Return the {rng.choice(_WORDS)} {rng.choice(_WORDS)} of {arg}."""',
             f"    total = {rng.randint(0, 99)}",
-            f"    for step in range(factor):",
+            "    for step in range(factor):",
             f"        total += math.sqrt(abs(hash(({arg}, step)) % {rng.randint(50, 999)}))",
             "    return total",
             "",
@@ -76,9 +76,9 @@ def write_mixed_corpus(root: str, seed: int = 0) -> dict[str, str]:
     expected: dict[str, str] = {}
 
     def put(name: str, data: str | bytes, outcome: str) -> None:
-        mode = "wb" if isinstance(data, bytes) else "w"
-        with open(os.path.join(root, name), mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:  # fmt: skip
-            f.write(data)
+        raw = data if isinstance(data, bytes) else data.encode("utf-8")
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(raw)
         expected[name] = outcome
 
     for i in range(6):
@@ -95,7 +95,9 @@ def write_mixed_corpus(root: str, seed: int = 0) -> dict[str, str]:
     pii = prose(rng).split("\n\n")
     pii[0] += " Write to jane.doe@example.com or call (415) 555-0123 today."
     pii[1] += " The server at 192.168.10.20 and 2001:db8:85a3::8a2e:370:7334 answered."
-    pii[2] += " The old key AKIAIOSFODNN7EXAMPLE and ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked."
+    pii[2] += (
+        " The old key AKIAIOSFODNN7EXAMPLE and ghp_abcdefghijklmnopqrstuvwxyz0123456789 leaked."
+    )
     put("pii.txt", "\n\n".join(pii), "kept")
     for i in range(3):
         put(f"module_{i}.py", code(rng), "kept")
@@ -110,10 +112,13 @@ def write_mixed_corpus(root: str, seed: int = 0) -> dict[str, str]:
         "gopher_quality/too_few_words")  # fmt: skip
     put("repeated.txt", ("The same line appears here again and again in this file.\n" * 40),
         "gopher_repetition/dup_line_frac")  # fmt: skip
-    german = ("Der schnelle braune Fuchs springt über den faulen Hund und die Katze schläft "
-              "ruhig im warmen Haus. Wir gehen morgen mit den Kindern in den großen Wald. ") * 6
+    german = (
+        "Der schnelle braune Fuchs springt über den faulen Hund und die Katze schläft "
+        "ruhig im warmen Haus. Wir gehen morgen mit den Kindern in den großen Wald. "
+    ) * 6
     put("german.txt", german, "langid/language:de")
-    put("blocked.txt", prose(rng).replace(" the ", " zorblax ", 12), "blocklist/blocklisted_words")
+    blocked = prose(rng) + "\n\nThe zorblax met a zorblax, and then the zorblax left the town.\n"
+    put("blocked.txt", blocked, "blocklist/blocklisted_words")
     contaminated = prose(rng).split("\n\n")
     contaminated[1] += " " + EVAL_PASSAGE
     put("contaminated.txt", "\n\n".join(contaminated), "decontam/eval_ngram_overlap")

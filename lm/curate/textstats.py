@@ -16,7 +16,11 @@ from functools import cached_property
 import numpy as np
 import xxhash
 
-_PUNCT = string.punctuation + "“”‘’«»…–—"
+# Punctuation (ASCII and common Unicode) and underscores become spaces, then a plain split:
+# several times faster than a regex word scan, and the same words for ordinary text.
+_PUNCT_TO_SPACE = str.maketrans(
+    {c: " " for c in string.punctuation + "“”‘’„«»‹›…–—―¿¡、。，！？：；（）［］｛｝「」『』·•"}
+)
 _PARAGRAPH_SPLIT = re.compile(r"\n\s*\n")
 # Odd 64-bit multiplier for the polynomial n-gram hash (wraps modulo 2**64, which is intended).
 _NGRAM_MUL = np.uint64(0x9E3779B97F4A7C15)
@@ -81,20 +85,33 @@ class TextView:
         return self.text.split()
 
     @cached_property
-    def lower_words(self) -> list[str]:
-        return self.text.lower().split()
+    def lower_text(self) -> str:
+        return self.text.lower()
 
     @cached_property
     def norm_words(self) -> list[str]:
-        """Lowercased words without surrounding punctuation; punctuation-only words dropped."""
-        stripped = (w.strip(_PUNCT) for w in self.lower_words)
-        return [w for w in stripped if w]
+        """Lowercased words with punctuation removed (punctuation also splits words)."""
+        return self.lower_text.translate(_PUNCT_TO_SPACE).split()
 
     @cached_property
     def word_hashes(self) -> np.ndarray:
         """Hashes of `norm_words`: repetition statistics, MinHash and decontamination all use
         these (robust to case and punctuation), so words are hashed once per document."""
         return hash_words(self.norm_words)
+
+    def ngrams(self, n: int) -> np.ndarray:
+        """Hashes of every word n-gram, built incrementally from the (n-1)-grams and cached."""
+        cache = self.__dict__.setdefault("_ngrams", {1: self.word_hashes})
+        if n not in cache:
+            prev = self.ngrams(n - 1)
+            count = max(len(self.word_hashes) - n + 1, 0)
+            with np.errstate(over="ignore"):
+                cache[n] = prev[:count] * _NGRAM_MUL + self.word_hashes[n - 1 : n - 1 + count]
+        return cache[n]
+
+    @cached_property
+    def total_word_chars(self) -> int:
+        return int(self.word_lengths.sum())
 
     @cached_property
     def word_lengths(self) -> np.ndarray:
@@ -120,33 +137,34 @@ def duplicate_fraction(items: list[str]) -> tuple[float, float]:
 
 def top_ngram_char_fraction(view: TextView, n: int) -> float:
     """Characters covered by the most frequent word n-gram, over all word characters."""
-    lengths = view.word_lengths
-    total = int(lengths.sum())
-    grams = ngram_hashes(view.word_hashes, n)
-    if total == 0 or len(grams) == 0:
+    total = view.total_word_chars
+    grams = view.ngrams(n)
+    if total == 0 or len(grams) < 2:
         return 0.0
-    uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
-    best = int(np.argmax(counts))
-    if counts[best] <= 1:
+    ordered = np.sort(grams)
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    runs = np.diff(np.append(starts, len(ordered)))
+    best = int(np.argmax(runs))
+    if runs[best] <= 1:
         return 0.0
-    start = int(first[best])
-    gram_chars = int(lengths[start : start + n].sum())
-    return gram_chars * int(counts[best]) / total
+    first = int(np.argmax(grams == ordered[starts[best]]))
+    return int(view.word_lengths[first : first + n].sum()) * int(runs[best]) / total
 
 
 def duplicate_ngram_char_fraction(view: TextView, n: int) -> float:
     """Characters inside any repeated occurrence of a word n-gram (each counted once)."""
-    lengths = view.word_lengths
-    total = int(lengths.sum())
-    grams = ngram_hashes(view.word_hashes, n)
-    if total == 0 or len(grams) == 0:
+    total = view.total_word_chars
+    grams = view.ngrams(n)
+    if total == 0 or len(grams) < 2:
         return 0.0
-    _, first, inverse = np.unique(grams, return_index=True, return_inverse=True)
-    starts = np.nonzero(first[inverse] != np.arange(len(grams)))[0]
-    if len(starts) == 0:
+    # A stable sort keeps equal n-grams in text order: all but the first of each run repeat.
+    order = np.argsort(grams, kind="stable")
+    ordered = grams[order]
+    repeats = order[1:][ordered[1:] == ordered[:-1]]
+    if len(repeats) == 0:
         return 0.0
-    cover = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.add.at(cover, starts, 1)
-    np.add.at(cover, starts + n, -1)
+    cover = np.zeros(len(view.word_lengths) + 1, dtype=np.int64)
+    cover[repeats] += 1  # start positions are distinct, so plain fancy indexing is exact
+    cover[repeats + n] -= 1
     mask = np.cumsum(cover[:-1]) > 0
-    return int(lengths[mask].sum()) / total
+    return int(view.word_lengths[mask].sum()) / total
