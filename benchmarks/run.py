@@ -97,7 +97,7 @@ def main() -> int:
     lines = [
         "# Benchmarks",
         "",
-        f"Latest `make bench`: {datetime.date.today()} on {machine} (Python {platform.python_version()}).",
+        f"`make bench` on {datetime.date.today()}, {machine}, Python {platform.python_version()}.",
         "",
         "## Training throughput (median tokens/s through `lm train`, fp32, CPU)",
         "",
