@@ -26,6 +26,13 @@ setup(
         "tensorboard>=2.19,<2.22",
         "apache-beam==2.77.0",
         "ftfy>=6.2,<7",
+        # Data stage: language id with its model in the wheel, hashing, WARC + HTML extraction.
+        "langid==1.1.6",
+        "xxhash>=3.4,<5",
+        "resiliparse==2.0.1",
+        "fastwarc==2.0.1",
+        "array-record>=0.7,<0.9",
+        "pyarrow>=14",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "ruff==0.17.6"],

@@ -58,8 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            source="stdlib",  # stdlib | text | dir | jsonl | tfds | task
-            path="",  # file or directory for text / dir / jsonl
+            source="stdlib",  # stdlib | text | dir | jsonl | tfds | curated | task
+            path="",  # file or directory for text / dir / jsonl; `lm data run` output for curated
             include="*.py,*.txt,*.md,*.rst",  # globs for `dir` and `stdlib`
             exclude="",
             jsonl_field="text",

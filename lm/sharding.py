@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -32,14 +34,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     """Resolves the `-1` entry of (data, fsdp, tensor) so the product equals `num_devices`."""
     sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if known <= 0 or num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices do not divide by {known}")
+            raise ConfigError(f"mesh: {num_devices} devices do not divide by {known}")
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices; "
             "set one axis to -1 to fill"
         )

@@ -1,8 +1,9 @@
 """`make speedrun`: the whole lifecycle that exists so far, on the embedded corpus, on CPU.
 
-Stages: train a tokenizer on the standard library's source, pretrain the `tiny` experiment
-(with checkpoints, validation and a report), then sample from the final checkpoint. Each stage's
-wall time goes into `<workdir>/speedrun.md`.
+Stages: curate the standard library's source with the Beam data pipeline (clean, filter,
+deduplicate, scrub PII), train a tokenizer on the curated documents, pretrain the `tiny`
+experiment on them (checkpoints, validation, report), then sample from the final checkpoint.
+Each stage's wall time goes into `<workdir>/speedrun.md`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ def speedrun(workdir: str) -> int:
 
     os.makedirs(workdir, exist_ok=True)
     timings: list[tuple[str, float]] = []
-    cfg = get_config("tiny")
+    from lm.curate.cli import main as data_main
 
     t0 = time.perf_counter()
-    print("== 1/3 tokenizer: SentencePiece BPE on the standard library", flush=True)
+    data_dir = os.path.join(workdir, "data")
+    print("== 1/4 data: curate the standard library (Beam DirectRunner)", flush=True)
+    if data_main(["run", "--pipeline=stdlib", f"--output={data_dir}"]) != 0:
+        return 1
+    print(f"   data report: {os.path.join(data_dir, 'data_report.md')}")
+    timings.append(("data", time.perf_counter() - t0))
+    cfg = get_config("tiny", ["--config.data.source=curated", f"--config.data.path={data_dir}"])
+
+    t0 = time.perf_counter()
+    print("== 2/4 tokenizer: SentencePiece BPE on the curated documents", flush=True)
     spm = train_tokenizer(cfg.data, cfg.tokenizer, os.path.join(workdir, "tokenizer"))
     vocab = load_vocabulary(spm)
     comp = compression_report(vocab, iter_documents(cfg.data, "validation"))
@@ -36,14 +46,14 @@ def speedrun(workdir: str) -> int:
     timings.append(("tokenizer", time.perf_counter() - t0))
 
     t0 = time.perf_counter()
-    print("== 2/3 pretrain `tiny` (resumes if interrupted)", flush=True)
+    print("== 3/4 pretrain `tiny` (resumes if interrupted)", flush=True)
     cfg.tokenizer.path = os.path.abspath(spm)
     train_dir = os.path.join(workdir, "tiny")
     summary = train(cfg, train_dir)
     timings.append(("pretrain", time.perf_counter() - t0))
 
     t0 = time.perf_counter()
-    print("\n== 3/3 evaluate and sample from the final checkpoint", flush=True)
+    print("\n== 4/4 evaluate and sample from the final checkpoint", flush=True)
     graphdef, params, model_cfg, vocab, step = restore_params(train_dir)
     prompt = "def "
     text = generate_text(

@@ -29,11 +29,17 @@ def test_experiments_lists_every_shipped_name(capsys):
                 "train",
                 "--experiment=char_tiny",
                 "--workdir=/tmp/x",
+                "--config.data.batch_size=16",
                 "--config.data.path=/nonexistent/input.txt",
             ],
             "/nonexistent/input.txt",
         ),
         (["sample", "--workdir=/nonexistent/run"], "config.json not found"),
+        (["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.mesh.data=3"], "there are"),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.batch_size=13"],
+            "data.batch_size=13 must divide",
+        ),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):

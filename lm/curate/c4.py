@@ -33,16 +33,16 @@ class C4Filter:
         self.end_marks = tuple(cfg["end_marks"])
         self.bad_words = Blocklist(bad_words, 1, 0.0) if cfg["reject_bad_words"] else None
 
-    def __call__(self, text: str, norm_words: list[str]) -> tuple[str, str | None]:
-        """Returns (cleaned text, None) to keep, or (text, reason) to reject; `norm_words` are
-        the text's lowercased words (TextView.norm_words), for the bad-word lookup."""
+    def __call__(self, text: str, words: set[str] | list[str]) -> tuple[str, str | None]:
+        """Returns (cleaned text, None) to keep, or (text, reason) to reject; `words` are the
+        text's lowercased words (TextView.word_set), for the bad-word lookup."""
         cfg = self.cfg
         lower_text = text.lower()
         if cfg["reject_lorem_ipsum"] and "lorem ipsum" in lower_text:
             return text, "lorem_ipsum"
         if cfg["reject_curly_brace"] and "{" in text:
             return text, "curly_brace"
-        if self.bad_words is not None and self.bad_words.hits(norm_words, lower_text):
+        if self.bad_words is not None and self.bad_words.hits(words, lower_text):
             return text, "bad_words"
         kept: list[str] = []
         sentences = 0
@@ -74,7 +74,7 @@ class C4Filter:
                 kept[-1] = None
                 continue
             # Sentence ends inside the line, plus the line's own end (it ends in a mark).
-            sentences += 1 + sum(line.count(m + " ") for m in (".", "!", "?"))
+            sentences += 1 + line.count(". ") + line.count("! ") + line.count("? ")
         if sentences < cfg["min_sentences"]:
             return text, "too_few_sentences"
         if not changed and None not in kept:

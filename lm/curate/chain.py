@@ -43,6 +43,7 @@ STEPS = (
     "decontam",
     "exact_dedup",
     "near_dedup",
+    "error",  # a document that made a step raise (a bug): kept out, counted, never lost
 )
 
 
@@ -62,7 +63,9 @@ def extract_html(raw: bytes) -> str:
 class DocumentProcessor:
     """Built once per worker from the config (a plain dict); `process` runs one document."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], decontam_index=None):
+        """`decontam_index`: precomputed eval-set n-gram hashes (the pipeline computes them once
+        on the driver); None builds them here from `decontam.eval_sets`."""
         self.cfg = cfg
         langs = tuple(_csv(cfg["langid"]["languages"]))
         self.langid = (
@@ -77,8 +80,12 @@ class DocumentProcessor:
         self.urls = UrlBlocklist(load_word_list(ub["domains"], ub["file"]))
         self.pii = PiiScrubber(_csv(cfg["pii"]["kinds"]))
         dd = cfg["decontam"]
-        spec = dd["eval_sets"] if dd["enabled"] else ""
-        self.decontam = Decontaminator(eval_texts(spec), dd["ngram"])
+        if decontam_index is not None:
+            self.decontam = Decontaminator([], dd["ngram"])
+            self.decontam.index = decontam_index if dd["enabled"] else self.decontam.index
+        else:
+            spec = dd["eval_sets"] if dd["enabled"] else ""
+            self.decontam = Decontaminator(eval_texts(spec), dd["ngram"])
         d = cfg["dedup"]
         self.minhash = MinHasher(d["bands"], d["rows"], d["ngram"], d["seed"])
 
@@ -155,7 +162,7 @@ class DocumentProcessor:
                         return reject(step, reason)
                     trace.append((step, trace[-1][1]))
             if cfg["c4"]["enabled"]:
-                new_text, reason = self.c4(text, view.norm_words)
+                new_text, reason = self.c4(text, view.word_set)
                 if reason:
                     return reject("c4", reason)
                 if new_text != text:
@@ -169,7 +176,7 @@ class DocumentProcessor:
                 trace.append(("fineweb", trace[-1][1]))
 
         if cfg["blocklist"]["enabled"]:
-            reason = self.blocklist.check(view.norm_words, view.lower_text)
+            reason = self.blocklist.check(view.norm_words, view.lower_text, view.word_set)
             if reason:
                 return reject("blocklist", reason)
             trace.append(("blocklist", trace[-1][1]))

@@ -19,14 +19,22 @@ from typing import Any
 import ml_collections
 
 from lm.config import ConfigError, apply_overrides
-from lm.curate import output, report
-from lm.curate.config import config_hash, list_pipelines, load_pipeline
+from lm.curate import output
+from lm.curate.config import config_hash, list_pipelines, load_pipeline, validate
 from lm.curate.sources import expand_inputs
 
 
 def _runner_args(beam_args: list[str]) -> list[str]:
     """Beam flags with the runner named explicitly (in-memory DirectRunner by default)."""
-    args = list(beam_args)
+    args: list[str] = []
+    i = 0
+    while i < len(beam_args):  # `--runner X` -> `--runner=X`, so it is found below
+        if beam_args[i] == "--runner" and i + 1 < len(beam_args):
+            args.append(f"--runner={beam_args[i + 1]}")
+            i += 2
+        else:
+            args.append(beam_args[i])
+            i += 1
     if not any(a == "--runner" or a.startswith("--runner=") for a in args):
         args.append("--runner=DirectRunner")
     runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "")
@@ -41,13 +49,15 @@ def run_curation(
     """Runs a configured pipeline into `output_dir`; returns the report dict.
 
     Raises ConfigError for user mistakes (no inputs, bad source type)."""
-    from lm.curate import pipeline
-
     plain = cfg.to_dict()
+    validate(plain)
     inputs = expand_inputs(plain["source"])
     if not inputs:
         raise ConfigError(f"no input files matched source {plain['source']['type']!r}")
     output_dir = output_dir.rstrip("/")
+    # Beam is imported only now: user mistakes above fail fast, without its import-time noise.
+    from lm.curate import pipeline, report
+
     output.clear_previous(output_dir)
     args = _runner_args(beam_args)
     result = pipeline.run(plain, inputs, output_dir, args)
@@ -83,6 +93,7 @@ def run_curation(
         "reconciled": rep["reconciled"],
         "format": "array_record",
         "record": "JSON: " + ", ".join(output.KEPT_FIELDS),
+        "decontam_ngrams": result["decontam_ngrams"],
         "shards": shards,
     }
     output.write_text(f"{output_dir}/manifest.json", json.dumps(manifest, indent=1))
@@ -106,7 +117,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of `lm data ...`; returns the exit status."""
-    args, rest = _parser().parse_known_args(argv)
+    try:
+        args, rest = _parser().parse_known_args(argv)
+    except SystemExit as e:  # argparse already printed a one-line usage error
+        return int(e.code or 0)
     if args.command == "list":
         for name, doc in list_pipelines().items():
             print(f"{name:12s} {doc}")

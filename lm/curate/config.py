@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import os
 import pkgutil
 
 import ml_collections
@@ -148,6 +149,39 @@ def load_pipeline(name: str) -> ml_collections.ConfigDict:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown pipeline {name!r}.{hint} Known: {', '.join(names)}.")
     return importlib.import_module(f"pipelines.{name}").get_config()
+
+
+def validate(c: dict) -> None:
+    """Raises ConfigError for values that would otherwise fail deep inside a worker."""
+    from lm.curate.dedup import EVAL_SETS
+    from lm.curate.safety import PII_KINDS
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(c["output"]["num_shards"] >= 1, "--config.output.num_shards must be >= 1")
+    need(c["output"]["format"] == "array_record", "--config.output.format must be array_record")
+    for key in ("bands", "rows", "ngram"):
+        need(c["dedup"][key] >= 1, f"--config.dedup.{key} must be >= 1")
+    need(c["decontam"]["ngram"] >= 1, "--config.decontam.ngram must be >= 1")
+    need(c["langid"]["prefix_chars"] >= 1, "--config.langid.prefix_chars must be >= 1")
+    need(
+        c["source"]["kind"] in ("auto", "prose", "code"),
+        "--config.source.kind must be auto, prose or code",
+    )
+    kinds = [k.strip() for k in c["pii"]["kinds"].split(",") if k.strip()]
+    bad = [k for k in kinds if k not in PII_KINDS]
+    need(not bad, f"--config.pii.kinds: unknown {bad}; known: {', '.join(PII_KINDS)}")
+    for group in ("blocklist", "url_blocklist"):
+        path = c[group]["file"]
+        need(not path or os.path.exists(path), f"--config.{group}.file not found: {path}")
+    for item in (s.strip() for s in c["decontam"]["eval_sets"].split(",")):
+        need(
+            not item or item in EVAL_SETS or os.path.exists(item),
+            f"--config.decontam.eval_sets: {item!r} is neither a registered eval set "
+            f"({', '.join(sorted(EVAL_SETS)) or 'none registered'}) nor a file",
+        )
 
 
 def config_hash(cfg: ml_collections.ConfigDict) -> str:

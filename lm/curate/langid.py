@@ -1,10 +1,14 @@
 """Language identification with langid.py's model (shipped inside the wheel: works offline).
 
-langid's own `classify` spends most of its time on a dense 7,480 x 97 float product and on a
-uint32 -> float64 cast, though a short text visits only a few hundred DFA states. We fold the
-model per state (see `_model`) and score only the visited states; the result matches langid's
-classify (a test compares them) at several times the speed. Only a prefix of
-the document (`prefix_chars`, 1,000 by default) is classified, which is plenty for one language.
+langid's own `classify` walks its byte automaton in a Python loop and then does a dense
+7,480 x 97 float product. Two observations make it an order of magnitude faster, with the same
+result (a test compares against langid's classify):
+- the automaton recognizes byte n-grams of at most `depth` (4) bytes, so its state after byte i
+  depends only on the last `depth` bytes: the states at all positions are computed at once with
+  `depth` vectorized table lookups instead of one Python step per byte;
+- every state emits a fixed set of features, so per-state sums of the features' class
+  log-probabilities are precomputed and a text is scored from the states it visited.
+Only a prefix of the document (`prefix_chars`, 1,000 by default) is classified.
 Code documents are not classified: their "language" is `code:<programming language>`.
 """
 
@@ -13,6 +17,22 @@ from __future__ import annotations
 import numpy as np
 
 _MODEL = None
+
+
+def _automaton_depth(nextmove: np.ndarray) -> int:
+    """Longest string a state stands for: breadth-first distance of the farthest state from the
+    start (a state reached only after reading its string), i.e. the longest n-gram feature."""
+    table = nextmove.reshape(-1, 256)
+    seen = np.zeros(len(table), dtype=bool)
+    seen[0] = True
+    frontier, depth = np.array([0]), 0
+    while True:
+        nxt = np.unique(table[frontier].ravel())
+        nxt = nxt[~seen[nxt]]
+        if len(nxt) == 0:
+            return depth
+        seen[nxt] = True
+        frontier, depth = nxt, depth + 1
 
 
 def _model():
@@ -37,7 +57,7 @@ def _model():
             rows.append(ptc[np.asarray(list(feats), dtype=np.int64)].sum(axis=0))
         _MODEL = (
             ident,
-            nextmove.tolist(),
+            (nextmove, _automaton_depth(nextmove)),
             row_of_state,
             np.stack(rows),
             np.asarray(ident.nb_pc, dtype=np.float64),
@@ -60,16 +80,18 @@ class LanguageIdentifier:
 
     def log_probs(self, text: str) -> np.ndarray:
         """Unnormalized class log-probabilities of the text's prefix."""
-        data = text[: self.prefix_chars].encode("utf-8")
-        nextmove = self._nextmove
-        if not data:
+        data = np.frombuffer(text[: self.prefix_chars].encode("utf-8"), dtype=np.uint8)
+        if len(data) == 0:
             return self._pc.copy()
-        state = 0
-        states = np.fromiter(
-            (state := nextmove[(state << 8) + byte] for byte in data),
-            dtype=np.int64,
-            count=len(data),
-        )
+        nextmove, depth = self._nextmove
+        # State after byte i = automaton run from the start state over bytes i-depth+1 .. i.
+        data = data.astype(np.int64)
+        states = np.zeros(len(data), dtype=np.int64)
+        for back in range(depth - 1, -1, -1):
+            if back == 0:
+                states = nextmove[(states << 8) + data]
+            else:
+                states[back:] = nextmove[(states[back:] << 8) + data[:-back]]
         counts = np.bincount(states)
         visited = np.flatnonzero(counts)
         rows = self._row_of_state[visited]

@@ -18,24 +18,31 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lm.curate import output, report
-from lm.curate.dedup import bucket_pairs, connected_components
+from lm.curate.dedup import Decontaminator, bucket_pairs, connected_components, eval_texts
 from lm.curate.sources import read_input
 
 
 class ChainFn(beam.DoFn):
     """Runs the per-document chain; the processor (langid model etc.) is built once per worker."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], decontam_index):
         self.cfg = cfg
+        self.decontam_index = decontam_index
         self.proc = None
 
     def setup(self):
         from lm.curate.chain import DocumentProcessor
 
-        self.proc = DocumentProcessor(self.cfg)
+        self.proc = DocumentProcessor(self.cfg, decontam_index=self.decontam_index)
 
     def process(self, doc):
-        doc = self.proc.process(doc)
+        try:
+            doc = self.proc.process(doc)
+        except Exception as e:  # noqa: BLE001 - a bug on one document must not lose the run
+            doc["trace"] = doc.get("trace") or []
+            doc["rejected"] = ("error", f"internal_error:{type(e).__name__}")
+            doc["detail"] = str(e)[:200]
+            doc.pop("raw", None)
         if doc["rejected"]:
             yield beam.pvalue.TaggedOutput("rejected", doc)
         else:
@@ -102,7 +109,9 @@ def _write_stats(stats, clusters, files, output_dir: str):
     output.write_text(f"{output_dir}/_stats.json", blob)
 
 
-def build(p: beam.Pipeline, cfg: dict[str, Any], inputs: list, output_dir: str) -> None:
+def build(
+    p: beam.Pipeline, cfg: dict[str, Any], inputs: list, output_dir: str, decontam_index=None
+) -> None:
     """Adds the whole curation graph to `p`."""
     src, out, dd = cfg["source"], cfg["output"], cfg["dedup"]
     docs = (
@@ -111,7 +120,9 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], inputs: list, output_dir: str) 
         | "SpreadInputs" >> beam.Reshuffle()
         | "Read" >> beam.FlatMap(read_input, src)
     )
-    chain = docs | "Chain" >> beam.ParDo(ChainFn(cfg)).with_outputs("rejected", main="kept")
+    chain = docs | "Chain" >> beam.ParDo(ChainFn(cfg, decontam_index)).with_outputs(
+        "rejected", main="kept"
+    )
     kept = chain.kept
     rejected = [chain.rejected]
     sizes = []
@@ -183,12 +194,34 @@ def build(p: beam.Pipeline, cfg: dict[str, Any], inputs: list, output_dir: str) 
     )
 
 
+def _local_runner(options: PipelineOptions):
+    """The FnApiRunner for `--runner=DirectRunner`; None (the named runner) otherwise.
+
+    Beam 2.77's DirectRunner first tries Prism, which downloads a Go binary at run time: that
+    fails offline and costs a network timeout. The FnApiRunner is the DirectRunner's own batch
+    engine and honours --direct_running_mode (in_memory, multi_threading, multi_processing).
+    """
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    if options.view_as(StandardOptions).runner not in ("DirectRunner", "SwitchingDirectRunner"):
+        return None
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    return fn_runner.FnApiRunner()
+
+
 def run(cfg: dict[str, Any], inputs: list, output_dir: str, beam_args: list[str]) -> dict:
     """Runs the pipeline to completion and returns the statistics the workers wrote."""
     options = PipelineOptions(beam_args)
     start = time.time()
-    with beam.Pipeline(options=options) as p:
-        build(p, cfg, inputs, output_dir)
+    # Eval-set n-grams are gathered here, on the driver, so sets registered in this process
+    # (register_eval_set) reach every worker inside the pickled DoFn.
+    dd = cfg["decontam"]
+    spec = dd["eval_sets"] if dd["enabled"] else ""
+    index = Decontaminator(eval_texts(spec), dd["ngram"]).index
+    with beam.Pipeline(runner=_local_runner(options), options=options) as p:
+        build(p, cfg, inputs, output_dir, index)
     result = json.loads(output.read_text(f"{output_dir}/_stats.json"))
     result["seconds"] = round(time.time() - start, 2)
+    result["decontam_ngrams"] = int(len(index))
     return result

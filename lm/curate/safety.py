@@ -46,16 +46,20 @@ class Blocklist:
         self.min_hits = min_hits
         self.max_fraction = max_fraction
 
-    def hits(self, norm_words: list[str], lower_text: str) -> int:
+    def hits(self, words: list[str] | set[str], lower_text: str, word_set=None) -> int:
+        """Occurrences of listed words and phrases. `words` may be the document's word list or
+        its word set (then each listed word counts once); `word_set`, when given, makes the
+        common no-hit case a set intersection over distinct words."""
+        distinct = word_set if word_set is not None else words
         count = 0
-        if not self.single.isdisjoint(norm_words):
-            count = sum(1 for w in norm_words if w in self.single)
-        if self.phrases is not None and not self.first_words.isdisjoint(norm_words):
+        if not self.single.isdisjoint(distinct):
+            count = sum(1 for w in words if w in self.single)
+        if self.phrases is not None and not self.first_words.isdisjoint(distinct):
             count += len(self.phrases.findall(lower_text))
         return count
 
-    def check(self, norm_words: list[str], lower_text: str) -> str | None:
-        hits = self.hits(norm_words, lower_text)
+    def check(self, norm_words: list[str], lower_text: str, word_set=None) -> str | None:
+        hits = self.hits(norm_words, lower_text, word_set)
         if hits >= self.min_hits and hits / max(len(norm_words), 1) > self.max_fraction:
             return "blocklisted_words"
         return None

@@ -60,6 +60,17 @@ def expand_inputs(src: dict[str, Any]) -> list[tuple[str, str]]:
     if kind == "tfds":
         if not src["tfds_name"]:
             raise ConfigError("source.type=tfds needs --config.source.tfds_name=NAME")
+        import tensorflow_datasets as tfds
+
+        try:
+            prepared = tfds.builder(src["tfds_name"]).is_prepared()
+        except Exception as e:  # noqa: BLE001 - unknown name, bad version...: a user error
+            raise ConfigError(f"TFDS dataset {src['tfds_name']!r}: {e}".splitlines()[0]) from None
+        if not prepared:
+            raise ConfigError(
+                f"TFDS dataset {src['tfds_name']!r} is not prepared locally (no downloads here); "
+                "run tfds build for it first or point TFDS_DATA_DIR at it"
+            )
         return [(src["tfds_name"], src["tfds_name"])]
     if kind == "stdlib":
         roots = [sysconfig.get_paths()["stdlib"]]
@@ -71,19 +82,29 @@ def expand_inputs(src: dict[str, Any]) -> list[tuple[str, str]]:
         raise ConfigError(
             f"unknown source.type {kind!r}; use stdlib, dir, text, jsonl, parquet, warc or tfds"
         )
-    found: list[tuple[str, str]] = []
+    matches: list[str] = []
     for root in roots:
-        matches = sorted(glob.glob(root)) if glob.has_magic(root) else [root]
-        if not matches or not all(os.path.exists(m) for m in matches):
+        hits = sorted(glob.glob(root)) if glob.has_magic(root) else [root]
+        if not hits or not all(os.path.exists(m) for m in hits):
             raise ConfigError(f"input path not found: {root}")
-        for match in matches:
-            if os.path.isdir(match):
-                pats = include
-                if kind in _CONTAINER_EXTENSIONS:
-                    pats = ["*" + e for e in _CONTAINER_EXTENSIONS[kind]]
-                found += _walk(match, pats, exclude)
-            else:
-                found.append((match, os.path.basename(match)))
+        matches += [os.path.abspath(m) for m in hits]
+    # Ids are paths relative to one base, so they stay unique across several roots: a single
+    # directory is its own base; otherwise the common parent of everything matched.
+    if len(matches) == 1 and os.path.isdir(matches[0]):
+        base = matches[0]
+    else:
+        base = os.path.commonpath([m if os.path.isdir(m) else os.path.dirname(m) for m in matches])
+        if len(matches) > 1 and all(os.path.isdir(m) for m in matches) and base in matches:
+            base = os.path.dirname(base)
+    found: list[tuple[str, str]] = []
+    for match in matches:
+        if os.path.isdir(match):
+            pats = include
+            if kind in _CONTAINER_EXTENSIONS:
+                pats = ["*" + e for e in _CONTAINER_EXTENSIONS[kind]]
+            found += [(p, os.path.relpath(p, base)) for p, _ in _walk(match, pats, exclude)]
+        else:
+            found.append((match, os.path.relpath(match, base)))
     if src["max_documents"] and kind in ("stdlib", "dir", "text"):
         found = found[: src["max_documents"]]
     return found
@@ -230,7 +251,7 @@ def read_tfds(name: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Documents from a locally prepared TFDS dataset's `text_field` feature."""
     import tensorflow_datasets as tfds
 
-    ds = tfds.load(name, split=src["tfds_split"], shuffle_files=False)
+    ds = tfds.load(name, split=src["tfds_split"], shuffle_files=False, download=False)
     for i, example in enumerate(tfds.as_numpy(ds)):
         if src["max_documents"] and i >= src["max_documents"]:
             return

@@ -94,6 +94,11 @@ class TextView:
         return self.lower_text.translate(_PUNCT_TO_SPACE).split()
 
     @cached_property
+    def word_set(self) -> frozenset[str]:
+        """Distinct `norm_words`: set lookups (blocklists) then cost per distinct word."""
+        return frozenset(self.norm_words)
+
+    @cached_property
     def word_hashes(self) -> np.ndarray:
         """Hashes of `norm_words`: repetition statistics, MinHash and decontamination all use
         these (robust to case and punctuation), so words are hashed once per document."""
@@ -111,7 +116,7 @@ class TextView:
 
     @cached_property
     def total_word_chars(self) -> int:
-        return int(self.word_lengths.sum())
+        return len("".join(self.norm_words))
 
     @cached_property
     def word_lengths(self) -> np.ndarray:
@@ -148,7 +153,8 @@ def top_ngram_char_fraction(view: TextView, n: int) -> float:
     if runs[best] <= 1:
         return 0.0
     first = int(np.argmax(grams == ordered[starts[best]]))
-    return int(view.word_lengths[first : first + n].sum()) * int(runs[best]) / total
+    gram_chars = sum(map(len, view.norm_words[first : first + n]))
+    return gram_chars * int(runs[best]) / total
 
 
 def duplicate_ngram_char_fraction(view: TextView, n: int) -> float:

@@ -303,6 +303,8 @@ def content_stamp(data_cfg: ml_collections.ConfigDict) -> str:
         paths = [os.path.join(root, r) for r in _walk(root, inc, exc, skip)] if root else []
     elif data_cfg.source in ("text", "jsonl") and data_cfg.path:
         paths = _expand_paths(data_cfg.path)
+    elif data_cfg.source == "curated" and data_cfg.path:
+        paths = [os.path.join(data_cfg.path, "manifest.json")]
     else:
         paths = []
     for path in paths:
@@ -311,7 +313,24 @@ def content_stamp(data_cfg: ml_collections.ConfigDict) -> str:
     return h.hexdigest()[:16]
 
 
-_REF_BUILDERS = {"stdlib": _stdlib_refs, "dir": _dir_refs, "text": _text_refs}
+def _curated_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[DocRef]:
+    """The kept documents of an `lm data run` output directory (cleaned, filtered, deduped)."""
+    from lm.curate.output import read_documents
+
+    root = _require_path(data_cfg)
+    if not os.path.exists(os.path.join(root, "manifest.json")):
+        raise DataError(
+            f"{root} has no manifest.json: is --config.data.path an `lm data run` output?"
+        )
+    return [DocRef(f"curated:{d['id']}", lambda t=d["text"]: t) for d in read_documents(root)]
+
+
+_REF_BUILDERS = {
+    "stdlib": _stdlib_refs,
+    "dir": _dir_refs,
+    "text": _text_refs,
+    "curated": _curated_refs,
+}
 _STREAMS = {"tfds": _iter_tfds, "jsonl": _iter_jsonl}
 
 

@@ -101,9 +101,10 @@ def generate_text(
     max_new_tokens = min(max_new_tokens, model_cfg.max_seq_len - 1)
     texts = []
     for p_index, text in enumerate(prompts):
-        room = model_cfg.max_seq_len - max_new_tokens
+        room = model_cfg.max_seq_len - max_new_tokens  # >= 1
         # Training rows start every document with BOS; so does every prompt.
-        ids = [BOS_ID, *list(vocab.encode(text))[-(room - 1) :]]
+        ids = [BOS_ID, *vocab.encode(text)]
+        ids = ids[len(ids) - room :] if len(ids) > room else ids
         bucket = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
         prompt = np.zeros((num_samples, bucket), np.int32)
         prompt[:, : len(ids)] = ids

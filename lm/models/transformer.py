@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.config import ConfigError
 from lm.models.layers.attention import Attention, LayerCache
 from lm.models.layers.linear import Dense, Embed
 from lm.models.layers.mlp import MLP
@@ -60,17 +61,17 @@ class ModelConfig:
         if vocab_size:
             values["vocab_size"] = vocab_size
         if values["vocab_size"] <= 0:
-            raise ValueError("model.vocab_size is 0 and no tokenizer gave one")
+            raise ConfigError("model.vocab_size is 0 and no tokenizer gave one")
         if values["num_heads"] <= 0 or values["d_model"] <= 0:
-            raise ValueError("model.num_heads and model.d_model must be positive")
+            raise ConfigError("model.num_heads and model.d_model must be positive")
         values["num_kv_heads"] = values["num_kv_heads"] or values["num_heads"]
         if values["num_heads"] % values["num_kv_heads"]:
-            raise ValueError("model.num_heads must be a multiple of model.num_kv_heads")
+            raise ConfigError("model.num_heads must be a multiple of model.num_kv_heads")
         values["head_dim"] = values["head_dim"] or values["d_model"] // values["num_heads"]
         if values["position"] not in ("learned", "rope"):
-            raise ValueError(f"model.position must be learned or rope, got {values['position']!r}")
+            raise ConfigError(f"model.position must be learned or rope, got {values['position']!r}")
         if values["remat"] not in ("none", *REMAT_POLICIES):
-            raise ValueError(f"model.remat must be none, full or dots, got {values['remat']!r}")
+            raise ConfigError(f"model.remat must be none, full or dots, got {values['remat']!r}")
         if values["dtype"] == "auto":
             values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         values["dtype"] = jnp.dtype(values["dtype"])

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from lm import sharding
+from lm.config import ConfigError
 from lm.data.pipeline import make_eval_batches, make_train_iterator, validation_bytes_per_token
 from lm.models.transformer import ModelConfig
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer
@@ -92,20 +93,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     init_distributed()
     os.makedirs(workdir, exist_ok=True)
     primary = jax.process_index() == 0
+    mesh = sharding.make_mesh(cfg.mesh)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % (batch_shards * cfg.optim.grad_accum_steps):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must divide by the data*fsdp mesh axes "
+            f"({batch_shards} devices) times optim.grad_accum_steps; change "
+            "--config.data.batch_size or --config.mesh.*"
+        )
     vocab_path = tokenizer_path(cfg, workdir)
     cfg.tokenizer.path = os.path.abspath(vocab_path)
     vocab = load_vocabulary(vocab_path)
     model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
     if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
         )
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
-        raise ValueError("data.batch_size must be a multiple of optim.grad_accum_steps")
+        raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
     if primary:
         save_config(cfg, workdir)
 
-    mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer(cfg, model_cfg, mesh)
     logging.info("mesh %s; compiling the train step", dict(mesh.shape))
     compiled = trainer.compile()
