@@ -35,7 +35,7 @@ speedrun: install
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/lm speedrun --workdir=$(WORKDIR)
 
 bench: install
-	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/run.py --out=BENCHMARKS.md
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m benchmarks.run --out=BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

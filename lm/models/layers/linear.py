@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -41,10 +42,12 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        kernel = self.kernel[...].astype(self.dtype)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        # As one 2-D matmul [rows, in] @ [in, out]: its gradients are plain matmuls too, which
+        # XLA's CPU backend runs ~30% faster than multi-axis contractions; free on TPU/GPU.
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        kernel = self.kernel[...].astype(self.dtype).reshape(n_in, n_out)
+        y = (x.astype(self.dtype).reshape(-1, n_in) @ kernel).reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
