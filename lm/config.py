@@ -13,6 +13,7 @@ import difflib
 import importlib
 import pkgutil
 from collections.abc import Sequence
+from types import ModuleType
 
 import ml_collections
 
@@ -140,26 +141,36 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def list_experiments() -> dict[str, str]:
-    """Name -> one-line description of every module in `experiments/`."""
+def list_configs(package: ModuleType) -> dict[str, str]:
+    """Name -> one-line description of every module with `get_config()` in `package`."""
     out = {}
-    for info in sorted(pkgutil.iter_modules(experiments.__path__), key=lambda i: i.name):
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"experiments.{info.name}")
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
         if hasattr(module, "get_config"):
             out[info.name] = ((module.__doc__ or "").strip().splitlines() or [""])[0]
     return out
 
 
-def load_experiment(name: str) -> ml_collections.ConfigDict:
-    """Imports `experiments/<name>.py` and returns its `get_config()`."""
-    names = list_experiments()
+def load_config(package: ModuleType, name: str, kind: str) -> ml_collections.ConfigDict:
+    """`<package>/<name>.py`'s `get_config()`; an unknown name suggests close matches."""
+    names = list_configs(package)
     if name not in names:
         close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown experiment {name!r}.{hint} `lm experiments` lists them all.")
-    return importlib.import_module(f"experiments.{name}").get_config()
+        raise ConfigError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(names)}.")
+    return importlib.import_module(f"{package.__name__}.{name}").get_config()
+
+
+def list_experiments() -> dict[str, str]:
+    """Name -> one-line description of every module in `experiments/`."""
+    return list_configs(experiments)
+
+
+def load_experiment(name: str) -> ml_collections.ConfigDict:
+    """Imports `experiments/<name>.py` and returns its `get_config()`."""
+    return load_config(experiments, name, "experiment")
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -8,16 +8,13 @@ every filter is here, with the published value as its default.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import importlib
 import json
 import os
-import pkgutil
 
 import ml_collections
 
-from lm.config import ConfigError
+from lm.config import ConfigError, list_configs, load_config
 
 _CODE_DATA_EXTENSIONS = "json,yaml,yml,toml,xml,csv,tsv,ini,cfg,lock,svg,ipynb"
 
@@ -131,24 +128,14 @@ def list_pipelines() -> dict[str, str]:
     """Name -> one-line description of every module in `pipelines/`."""
     import pipelines
 
-    out = {}
-    for info in sorted(pkgutil.iter_modules(pipelines.__path__), key=lambda i: i.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"pipelines.{info.name}")
-        if hasattr(module, "get_config"):
-            out[info.name] = ((module.__doc__ or "").strip().splitlines() or [""])[0]
-    return out
+    return list_configs(pipelines)
 
 
 def load_pipeline(name: str) -> ml_collections.ConfigDict:
     """`pipelines/<name>.py`'s `get_config()`; unknown names suggest close matches."""
-    names = list_pipelines()
-    if name not in names:
-        close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown pipeline {name!r}.{hint} Known: {', '.join(names)}.")
-    return importlib.import_module(f"pipelines.{name}").get_config()
+    import pipelines
+
+    return load_config(pipelines, name, "pipeline")
 
 
 def validate(c: dict) -> None:
