@@ -17,21 +17,8 @@ import ml_collections
 import seqio
 import tensorflow as tf
 
-from lm.data.sources import DataError, content_stamp, iter_documents
+from lm.data.sources import DOC_KEYS, DataError, content_stamp, iter_documents
 
-# Data-config keys that change which documents a Task yields.
-DOC_KEYS = (
-    "source",
-    "path",
-    "include",
-    "exclude",
-    "jsonl_field",
-    "tfds_name",
-    "tfds_split",
-    "max_documents",
-    "max_file_bytes",
-    "validation_fraction",
-)
 
 
 def docs_fingerprint(data_cfg: ml_collections.ConfigDict) -> dict:

@@ -55,10 +55,8 @@ def cmd_train(args, overrides) -> int:
         return 128 + e.signum
     val = summary.get("validation", {})
     if val:
-        print(
-            f"validation loss {val['loss']:.4f}  perplexity {val['perplexity']:.2f}  "
-            f"bits/byte {val['bits_per_byte']:.3f}"
-        )
+        bpb = f"  bits/byte {val['bits_per_byte']:.3f}" if "bits_per_byte" in val else ""
+        print(f"validation loss {val['loss']:.4f}  perplexity {val['perplexity']:.2f}{bpb}")
     for prompt, text in summary.get("samples", []):
         print(f"--- sample ---\n{prompt}{text}")
     if summary.get("report"):

@@ -18,6 +18,7 @@ from types import ModuleType
 import ml_collections
 
 import experiments
+from lm.data.sources import DOC_KEYS
 
 
 class ConfigError(ValueError):
@@ -54,12 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
             remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
             scan_layers=False,
             attention="auto",  # auto | xla | cudnn: passed to jax.nn.dot_product_attention
+            causal=True,  # False: bidirectional attention (BERT-style masked LM)
         )
     )
 
     c.data = ml_collections.ConfigDict(
         dict(
-            source="stdlib",  # stdlib | text | dir | jsonl | tfds | curated | task
+            source="stdlib",  # stdlib | text | dir | jsonl | tfds | curated | task | mixture
             path="",  # file or directory for text / dir / jsonl; `lm data run` output for curated
             include="*.py,*.txt,*.md,*.rst",  # globs for `dir` and `stdlib`
             exclude="",
@@ -74,6 +76,19 @@ def default_config() -> ml_collections.ConfigDict:
             batch_size=16,  # global batch, in rows of seq_len tokens
             shuffle_seed=0,
             cache_dir="",  # "": <workdir>/data_cache
+            objective="lm",  # lm | mlm (BERT; needs model.causal=False) | span_corruption (T5)
+            # source=mixture: name -> dict(rate=, final_rate=, source=, ...); lm/data/mixture.py
+            mixture=ml_collections.ConfigDict(),
+            curriculum=ml_collections.ConfigDict(
+                dict(
+                    seq_len_warmup_steps=0,  # 0: off; else rows grow from seq_len_start to seq_len
+                    seq_len_start=32,
+                    difficulty="none",  # none | length | rarity: easiest documents first
+                    competence_start=0.1,  # fraction of the easiest rows open at step 0
+                    competence_steps=0,  # steps until all rows are open; 0: train.steps // 2
+                    mixture_steps=0,  # steps over which mixture rates move to their final_rate
+                )
+            ),
         )
     )
 
@@ -85,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
             byte_fallback=True,
             train_max_bytes=20_000_000,
             special_tokens="<|system|>,<|user|>,<|assistant|>,<|end|>",
+            extra_ids=0,  # ids appended after the pieces: [MASK] / T5 sentinels (masked objectives)
         )
     )
 
@@ -139,6 +155,26 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     return c
+
+
+def mixture_component(
+    data: ml_collections.ConfigDict, rate: float, final_rate: float = -1.0, **keys: object
+) -> dict:
+    """One `data.mixture` entry: the data group's document keys with `keys` changed, and rates.
+
+    Every key is present, so each can be overridden (`--config.data.mixture.web.rate=0.5`).
+    `final_rate` < 0 keeps `rate` for the whole run (see data.curriculum.mixture_steps).
+    """
+    unknown = sorted(set(keys) - {*DOC_KEYS, "task"})
+    if unknown:
+        raise ConfigError(f"mixture component keys {unknown} are not document keys {DOC_KEYS}")
+    return {
+        "rate": float(rate),
+        "final_rate": float(final_rate),
+        "task": data.task,
+        **{k: data[k] for k in DOC_KEYS},
+        **keys,
+    }
 
 
 def list_configs(package: ModuleType) -> dict[str, str]:

@@ -201,7 +201,7 @@ def test_iterator_is_deterministic_and_resumes_exactly(corpus):
 def test_iterator_is_infinite_and_reshuffles_epochs(corpus):
     cfg, vocab, workdir = corpus
     it = pipeline.make_train_iterator(cfg, vocab, workdir)
-    n = int(it.get_state()["rows"])
+    n = it.get_state()["rows"][0]
     seen = np.concatenate([next(it)["targets"] for _ in range(2 * n // BATCH + 1)])
     epoch0 = seen[:n]
     assert len({r.tobytes() for r in epoch0}) == len({r.tobytes() for r in seen})  # all rows

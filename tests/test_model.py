@@ -102,3 +102,29 @@ def test_bad_model_config_names_the_key():
     cfg = get_config("tiny", ["--config.model.num_kv_heads=3"])
     with pytest.raises(ValueError, match="num_kv_heads"):
         ModelConfig.from_config(cfg.model, 97)
+
+
+def _changes_at(model, tokens, positions, segments, flip: int, prefix=None) -> np.ndarray:
+    """[seq] bool: which positions' logits change when the token at `flip` changes."""
+    before, _ = model(tokens, positions, segments, prefix=prefix)
+    after, _ = model(
+        tokens.at[:, flip].set((tokens[:, flip] + 1) % 97), positions, segments, prefix=prefix
+    )
+    return np.asarray(jnp.abs(after - before).max(axis=(0, 2)) > 1e-6)
+
+
+def test_attention_masks_causal_bidirectional_and_prefix():
+    tokens, positions, segments = inputs(batch=1)
+    _, _, causal = make()
+    assert not _changes_at(causal, tokens, positions, segments, flip=6)[:6].any()
+    _, _, bidirectional = make(["--config.model.causal=false"])
+    changed = _changes_at(bidirectional, tokens, positions, segments, flip=6)
+    assert changed.all()  # every position sees the flipped token
+    segments = segments.at[:, 8:].set(2)  # ... but never across a document boundary
+    assert not _changes_at(bidirectional, tokens, positions, segments, flip=6)[8:].any()
+    # Prefix-LM: the first 5 positions see each other both ways; later ones stay causal.
+    prefix = jnp.zeros((1, 12), jnp.int32).at[:, :5].set(1)
+    _, _, prefix_lm = make()
+    ones = jnp.ones((1, 12), jnp.int32)
+    assert _changes_at(prefix_lm, tokens, positions, ones, flip=3, prefix=prefix)[:3].all()
+    assert not _changes_at(prefix_lm, tokens, positions, ones, flip=7, prefix=prefix)[:7].any()

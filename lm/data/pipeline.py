@@ -6,15 +6,17 @@ once per (documents, vocabulary, seq_len, split, host shard). The packed rows ar
 those, written atomically and reused by later runs. Serving is then a numpy gather of
 `batch` rows per step, so the input pipeline costs microseconds, not a TF graph per batch.
 
-Every batch is a dict of np.ndarray [batch_per_host, seq_len]:
+Every batch is a dict of np.ndarray [batch_per_host, seq_len] (next-token objective):
   inputs      int32   BOS (id 3) then the targets shifted right, restarting in every segment
   targets     int32   the next token to predict (0 = padding)
   segment_ids int32   1, 2, ... per packed document piece; 0 = padding
   positions   int32   0, 1, ... restarting in each segment
   weights     float32 1.0 where the target counts in the loss
+The masked objectives (`data.objective` mlm | span_corruption) fill the same features their own
+way, plus `prefix` for span corruption (data_mixtures/objectives.py).
 
-Order: epoch e is a permutation of the rows drawn from (shuffle_seed, e, host); the stream of
-rows is the concatenation of epochs, cut into batches, so the iterator state is one integer.
+Mixtures (lm/data/mixture.py) build rows per component; the batch order and the curriculum are
+in lm/data/iterator.py and lm/data/curriculum.py.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import ml_collections
 import numpy as np
 import seqio
 
+from lm.data import curriculum, mixture
+from lm.data.iterator import FEATURES, PackedBatchIterator, batch_features
 from lm.data.sources import DataError, iter_documents, tf_cpu_only
 
-FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 BOS_ID = 3
+EOS_ID = 1
 _CONVERTER_KEYS = {
     "inputs": "decoder_input_tokens",
     "targets": "decoder_target_tokens",
@@ -64,7 +68,11 @@ def _cache_key(
         version=_CACHE_VERSION,
         docs=docs,
         vocab=_vocab_digest(vocab),
+        vocab_size=vocab.vocab_size,  # extra ids (sentinels) change the objectives' rows
         seq_len=cfg.data.seq_len,
+        objective=cfg.data.objective,
+        difficulty=cfg.data.curriculum.difficulty if split == "train" else "none",
+        seed=cfg.data.shuffle_seed,
         split=split,
         shard=shard,
         count=count,
@@ -82,6 +90,8 @@ def _task_dataset(cfg, vocab, split: str, shard: int, count: int):
     if cfg.data.source == "task":
         if not cfg.data.task:
             raise DataError("data.source=task needs --config.data.task=NAME (a seqio Task/Mixture)")
+        if cfg.data.task in seqio.MixtureRegistry.names():
+            raise DataError(f"{cfg.data.task!r} is a seqio Mixture: read it per component")
         try:
             task = seqio.get_mixture_or_task(cfg.data.task)
         except ValueError:
@@ -108,16 +118,45 @@ def _source_bytes(cfg, split: str, shard: int, count: int) -> int:
     return sum(len(d.encode("utf-8")) for d in iter_documents(cfg.data, split, shard, count))
 
 
+def _ordered_by_difficulty(ds, difficulty: str):
+    """The same pieces, whole documents reordered easiest first (curriculum)."""
+    tf = tf_cpu_only()
+    pieces = [ex["targets"] for ex in ds.as_numpy_iterator()]
+    pieces = curriculum.order_pieces_by_difficulty(pieces, EOS_ID, difficulty)
+    return tf.data.Dataset.from_generator(
+        lambda: ({"targets": p} for p in pieces),
+        output_signature={"targets": tf.TensorSpec((None,), tf.int32)},
+    )
+
+
+def _packed_dataset(cfg, vocab, ds, shard: int):
+    """Packs pieces into rows of our feature names for the configured objective (the masked
+    objectives draw their noise from the shuffle seed and the host shard)."""
+    if cfg.data.objective == "lm":
+        converter = seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID)
+        ds = converter(ds, {"targets": cfg.data.seq_len})
+        return ds.map(lambda ex: {k: ex[_CONVERTER_KEYS[k]] for k in FEATURES})
+    from data_mixtures.objectives import packed_objective_rows
+
+    return packed_objective_rows(
+        ds, cfg.data.objective, cfg.data.seq_len, vocab, cfg.data.shuffle_seed * 1009 + shard
+    )
+
+
 def _build_rows(cfg, vocab, split: str, shard: int, count: int) -> tuple[dict, dict]:
-    """Runs the Task and seqio packing; returns ({feature: [rows, seq_len]}, meta)."""
+    """Runs the Task, the curriculum order, the objective and packing.
+
+    Returns ({feature: [rows, seq_len]}, meta).
+    """
     start = time.time()
     ds = _task_dataset(cfg, vocab, split, shard, count)
-    converter = seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID)
-    ds = converter(ds, {"targets": cfg.data.seq_len}).batch(1024)
-    parts = {k: [] for k in FEATURES}
-    for batch in ds.as_numpy_iterator():
-        for k in FEATURES:
-            parts[k].append(batch[_CONVERTER_KEYS[k]])
+    if split == "train" and cfg.data.curriculum.difficulty != "none":
+        ds = _ordered_by_difficulty(ds, cfg.data.curriculum.difficulty)
+    features = batch_features(cfg.data.objective)
+    parts = {k: [] for k in features}
+    for batch in _packed_dataset(cfg, vocab, ds, shard).batch(1024).as_numpy_iterator():
+        for k in features:
+            parts[k].append(batch[k])
     L = cfg.data.seq_len
     rows = {
         k: (np.concatenate(v) if v else np.zeros((0, L))).astype(
@@ -167,7 +206,10 @@ def load_packed_rows(
         )
     with open(os.path.join(final, "meta.json")) as f:
         meta = json.load(f)
-    rows = {k: np.load(os.path.join(final, f"{k}.npy"), mmap_mode="r") for k in FEATURES}
+    rows = {
+        k: np.load(os.path.join(final, f"{k}.npy"), mmap_mode="r")
+        for k in batch_features(cfg.data.objective)
+    }
     if meta["rows"] == 0:
         raise DataError(
             f"data.source={cfg.data.source!r} gave zero {split} rows for host {shard} of {count} "
@@ -185,60 +227,20 @@ def _per_host_batch(cfg: ml_collections.ConfigDict, process_count: int) -> int:
     return cfg.data.batch_size // process_count
 
 
-class PackedBatchIterator:
-    """Infinite, deterministic batches of packed rows; the state is the number of batches taken.
+def _component_cfg(cfg: ml_collections.ConfigDict, component: mixture.Component):
+    if component.data is cfg.data:
+        return cfg
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.data = component.data
+    return out
 
-    next() -> {feature: [batch, seq_len]}; get_state() -> JSON dict; set_state(state) resumes so
-    that the next batch is exactly the one the saved iterator would have produced.
-    """
 
-    def __init__(self, rows: dict[str, np.ndarray], batch: int, seed: int, host: int, key: str):
-        self._rows = rows
-        self._host = host
-        self._n = int(rows["targets"].shape[0])
-        self._batch = batch
-        self._seed = seed
-        self._key = key
-        self._step = 0
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            rng = np.random.Generator(np.random.PCG64([self._seed, self._host, epoch]))
-            self._perms[epoch] = rng.permutation(self._n)
-        return self._perms[epoch]
-
-    def __iter__(self) -> PackedBatchIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        start = self._step * self._batch
-        first, last = start // self._n, (start + self._batch - 1) // self._n
-        if first == last:
-            offset = start - first * self._n
-            idx = self._perm(first)[offset : offset + self._batch]
-        else:
-            pos = np.arange(start, start + self._batch)
-            idx = np.array([self._perm(int(p // self._n))[p % self._n] for p in pos])
-        self._step += 1
-        return {k: np.asarray(v[idx]) for k, v in self._rows.items()}
-
-    def get_state(self) -> dict:
-        return {"step": self._step, "rows": self._n, "seed": self._seed, "key": self._key}
-
-    def set_state(self, state: dict) -> None:
-        if state.get("key") != self._key or state.get("rows") != self._n:
-            logging.warning(
-                "data: resuming an iterator saved for different data (%s rows, key %s; now %s "
-                "rows, key %s): the batch order will differ",
-                state.get("rows"),
-                state.get("key"),
-                self._n,
-                self._key,
-            )
-        self._step = int(state["step"])
+def _components(cfg: ml_collections.ConfigDict, vocab: seqio.Vocabulary):
+    """[(component, its cfg)] that training reads (one, unless the data is a mixture)."""
+    vocab_path = getattr(vocab, "sentencepiece_model_file", "") or ""
+    return [
+        (c, _component_cfg(cfg, c)) for c in mixture.components_for_training(cfg.data, vocab_path)
+    ]
 
 
 def make_train_iterator(
@@ -249,11 +251,44 @@ def make_train_iterator(
     process_count: int = 1,
 ) -> PackedBatchIterator:
     """This host's infinite stream of training batches, each [batch_size // process_count,
-    seq_len] per feature, from its own shard of the train documents."""
+    seq_len] per feature (shorter rows, more of them, during sequence-length warmup), from its
+    own shard of the train documents of every mixture component."""
     batch = _per_host_batch(cfg, process_count)
-    rows, _ = load_packed_rows(cfg, vocab, workdir, "train", process_index, process_count)
-    key = _cache_key(cfg, vocab, "train", process_index, process_count)
-    return PackedBatchIterator(rows, batch, int(cfg.data.shuffle_seed), process_index, key)
+    schedule = curriculum.Curriculum.from_config(cfg)
+    components = _components(cfg, vocab)
+    rows, keys = [], []
+    for _, ccfg in components:
+        rows.append(
+            load_packed_rows(ccfg, vocab, workdir, "train", process_index, process_count)[0]
+        )
+        keys.append(_cache_key(ccfg, vocab, "train", process_index, process_count))
+    specs = [c for c, _ in components]
+    return PackedBatchIterator(
+        rows,
+        lambda step: mixture.rates_at(specs, schedule.mixture_progress(step)),
+        batch,
+        int(cfg.data.shuffle_seed),
+        process_index,
+        "+".join(keys),
+        schedule,
+        tuple(c.name for c in specs),
+    )
+
+
+def _validation_shares(cfg, vocab, workdir: str, total: int, process_index: int, count: int):
+    """[(rows, meta, n)]: each component's validation rows and how many of `total` rows it
+    gets (by its final rate, largest remainders first)."""
+    components = _components(cfg, vocab)
+    rates = mixture.rates_at([c for c, _ in components], 1.0)
+    exact = rates * total
+    shares = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - shares))[: total - shares.sum()]:
+        shares[i] += 1
+    out = []
+    for (_, ccfg), n in zip(components, shares):
+        rows, meta = load_packed_rows(ccfg, vocab, workdir, "validation", process_index, count)
+        out.append((rows, meta, int(n)))
+    return out
 
 
 def make_eval_batches(
@@ -267,30 +302,48 @@ def make_eval_batches(
     """`num_batches` validation batches [batch // process_count, seq_len], the same every call.
 
     Rows are taken in order and wrap around when the validation split is smaller than
-    num_batches batches, so every host returns the same number of batches.
+    num_batches batches, so every host returns the same number of batches. A mixture gives
+    each component its final-rate share of the rows.
     """
     batch = _per_host_batch(cfg, process_count)
-    rows, meta = load_packed_rows(cfg, vocab, workdir, "validation", process_index, process_count)
-    idx = np.arange(num_batches * batch) % meta["rows"]
-    return [
-        {k: np.asarray(v[idx[i * batch : (i + 1) * batch]]) for k, v in rows.items()}
-        for i in range(num_batches)
+    shares = _validation_shares(
+        cfg, vocab, workdir, num_batches * batch, process_index, process_count
+    )
+    parts = [
+        {k: np.asarray(v[np.arange(n) % meta["rows"]]) for k, v in rows.items()}
+        for rows, meta, n in shares
+        if n
     ]
+    stacked = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return [
+        {k: v[i * batch : (i + 1) * batch] for k, v in stacked.items()} for i in range(num_batches)
+    ]
+
+
+def _decoded_bytes(rows: dict, vocab: seqio.Vocabulary) -> int:
+    """UTF-8 bytes of the packed pieces' text (EOS dropped), for sources without raw text."""
+    n_bytes = 0
+    for targets, segs in zip(np.asarray(rows["targets"]), np.asarray(rows["segment_ids"])):
+        for s in np.unique(segs[segs > 0]):
+            ids = [int(t) for t in targets[segs == s] if t != vocab.eos_id]
+            n_bytes += len(vocab.decode(ids).encode("utf-8"))
+    return n_bytes
 
 
 def validation_bytes_per_token(
     cfg: ml_collections.ConfigDict, vocab: seqio.Vocabulary, workdir: str
 ) -> float:
-    """UTF-8 bytes per target token (EOS included) over the whole validation split.
+    """UTF-8 bytes per target token (EOS included) over the validation split (a mixture
+    weights its components by their final rates).
 
     bits per byte = mean loss per token (nats) / ln 2 / this.
     """
-    rows, meta = load_packed_rows(cfg, vocab, workdir, "validation", 0, 1)
-    n_bytes = meta["bytes"]
-    if cfg.data.source == "task":  # No raw text: decode each packed piece (EOS dropped).
-        n_bytes = 0
-        for targets, segs in zip(np.asarray(rows["targets"]), np.asarray(rows["segment_ids"])):
-            for s in np.unique(segs[segs > 0]):
-                ids = [int(t) for t in targets[segs == s] if t != vocab.eos_id]
-                n_bytes += len(vocab.decode(ids).encode("utf-8"))
-    return n_bytes / meta["tokens"]
+    components = _components(cfg, vocab)
+    rates = mixture.rates_at([c for c, _ in components], 1.0)
+    n_bytes = n_tokens = 0.0
+    for (_, ccfg), rate in zip(components, rates):
+        rows, meta = load_packed_rows(ccfg, vocab, workdir, "validation", 0, 1)
+        raw = _decoded_bytes(rows, vocab) if ccfg.data.source == "task" else meta["bytes"]
+        n_bytes += rate * raw
+        n_tokens += rate * meta["tokens"]
+    return n_bytes / n_tokens

@@ -30,6 +30,19 @@ from dataclasses import dataclass
 import ml_collections
 
 SPLITS = ("train", "validation")
+# Data-config keys that change which documents a Task yields.
+DOC_KEYS = (
+    "source",
+    "path",
+    "include",
+    "exclude",
+    "jsonl_field",
+    "tfds_name",
+    "tfds_split",
+    "max_documents",
+    "max_file_bytes",
+    "validation_fraction",
+)
 # Target size of one document when a single big text file is cut into documents.
 TEXT_CHUNK_BYTES = 4096
 # Directories of the stdlib that hold no useful text (or binary test fixtures).
@@ -344,7 +357,7 @@ def split_refs(
     if builder is None:
         raise DataError(
             f"--config.data.source={data_cfg.source!r} has no document reader here; "
-            f"expected one of {sorted([*_REF_BUILDERS, *_STREAMS])} or task"
+            f"expected one of {sorted([*_REF_BUILDERS, *_STREAMS])}, task or mixture"
         )
     refs = builder(data_cfg, stats if stats is not None else SkipStats())
     if data_cfg.max_documents:
@@ -357,6 +370,20 @@ def split_refs(
         lowest = min(range(len(refs)), key=lambda i: _hash_rank(refs[i].key))
         assigned[lowest] = "validation"
     return [r for r, s in zip(refs, assigned) if s == split]
+
+
+def _interleave_by_rate(streams: list[tuple[float, Iterator[str]]]) -> Iterator[str]:
+    """Documents from several streams, each next one from the live stream furthest behind its
+    rate (taken / rate smallest), until all are exhausted."""
+    live = [[0, rate, it] for rate, it in streams if rate > 0]
+    while live:
+        entry = min(live, key=lambda e: e[0] / e[1])
+        doc = next(entry[2], None)
+        if doc is None:
+            live.remove(entry)
+            continue
+        entry[0] += 1
+        yield doc
 
 
 def iter_documents(
@@ -378,6 +405,15 @@ def iter_documents(
             "data.source=task has no raw documents to read: the seqio task "
             f"{data_cfg.task!r} is tokenized already (set --config.tokenizer.path to its model)"
         )
+    if data_cfg.source == "mixture":  # Components interleaved by rate (tokenizer training).
+        from lm.data.mixture import configured_components
+
+        streams = [
+            (max(c.rate, c.final_rate), iter_documents(c.data, split, shard_index, num_shards))
+            for c in configured_components(data_cfg)
+        ]
+        yield from _interleave_by_rate(streams)
+        return
     if data_cfg.source in _STREAMS:  # Streamed: no cheap per-document reads.
         yield from _STREAMS[data_cfg.source](data_cfg, split, shard_index, num_shards)
         return

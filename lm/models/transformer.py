@@ -2,7 +2,8 @@
 
 GPT-2: learned positions, LayerNorm, GELU, biases, tied embeddings.
 Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied output head.
-Both are the same pre-norm residual stack; `ModelConfig` picks the pieces.
+Both are the same pre-norm residual stack; `ModelConfig` picks the pieces. `causal=False` gives
+the bidirectional encoder used for BERT-style masked LM; a `prefix` mask gives a prefix-LM.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ModelConfig:
     remat: str
     scan_layers: bool
     attention: str
+    causal: bool
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int | None = None) -> ModelConfig:
@@ -105,9 +107,10 @@ class Block(nnx.Module):
         cache: LayerCache | None,
         cache_index: jax.Array | None,
         key: jax.Array | None,
+        prefix: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         keys = (None, None) if key is None else tuple(jax.random.split(key))
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index)
+        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index, prefix)
         x = constrain(x + dropout(h, self.dropout, keys[0]), ("batch", "seq", "embed"))
         h = self.mlp(self.mlp_norm(x))
         x = constrain(x + dropout(h, self.dropout, keys[1]), ("batch", "seq", "embed"))
@@ -166,11 +169,13 @@ class Transformer(nnx.Module):
         cache: list[LayerCache] | LayerCache | None = None,
         cache_index: jax.Array | None = None,
         dropout_key: jax.Array | None = None,
+        prefix: jax.Array | None = None,
     ) -> tuple[jax.Array, Any]:
         """Returns (logits [batch, seq, vocab] in float32, updated cache or None).
 
         `cache` is a list of per-layer caches, or one stacked cache when `scan_layers`.
-        `dropout_key` turns dropout on (training); None is deterministic.
+        `dropout_key` turns dropout on (training); None is deterministic. `prefix` [batch, seq]
+        marks positions that attend bidirectionally within their segment (prefix-LM).
         """
         cfg = self.cfg
         x = self.embed(tokens)
@@ -182,7 +187,7 @@ class Transformer(nnx.Module):
             layer_keys = jax.random.split(jax.random.fold_in(dropout_key, 1), cfg.num_layers)
 
         def run_block(block, x, layer_cache, key):
-            return block(x, positions, segment_ids, layer_cache, cache_index, key)
+            return block(x, positions, segment_ids, layer_cache, cache_index, key, prefix)
 
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])

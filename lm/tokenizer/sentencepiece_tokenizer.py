@@ -130,8 +130,12 @@ def train_tokenizer(
     return path
 
 
-def load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
-    """A seqio vocabulary for `path` (a .model file, or a directory holding spm.model)."""
+def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
+    """A seqio vocabulary for `path` (a .model file, or a directory holding spm.model).
+
+    `extra_ids` appends that many ids after the SentencePiece pieces (T5's sentinels; the last
+    id is sentinel 0), as `tokenizer.extra_ids` asks for the masked objectives.
+    """
     if os.path.isdir(path):
         path = os.path.join(path, MODEL_NAME)
     if not os.path.isfile(path):
@@ -139,7 +143,7 @@ def load_vocabulary(path: str) -> seqio.SentencePieceVocabulary:
             f"SentencePiece model {path!r} not found (set --config.tokenizer.path or train one)"
         )
     tf_cpu_only()  # seqio reads the model through tf.io.gfile.
-    vocab = seqio.SentencePieceVocabulary(path)
+    vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
     try:
         vocab.load_model()
     except Exception as e:  # protobuf/sentencepiece errors vary by version.

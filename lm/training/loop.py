@@ -72,20 +72,22 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def evaluate(trainer: Trainer, params, batches: list[dict], bytes_per_token: float) -> dict:
-    """Validation loss (nats/token), perplexity and bits per byte over fixed batches."""
+def evaluate(trainer: Trainer, params, batches: list[dict], bytes_per_token: float | None) -> dict:
+    """Validation loss (nats/token), perplexity and bits per byte over fixed batches.
+
+    The masked objectives predict corrupted positions, not the text's next token, so they have
+    no bits per byte (bytes_per_token None); their perplexity is over the predicted positions.
+    """
     loss_sum = weight_sum = 0.0
     for batch in batches:
         out = jax.device_get(trainer.eval_step(params, trainer.device_batch(batch)))
         loss_sum += float(out["loss_sum"])
         weight_sum += float(out["weight_sum"])
     loss = loss_sum / max(weight_sum, 1.0)
-    return {
-        "loss": loss,
-        "perplexity": metrics_lib.perplexity(loss),
-        "bits_per_byte": metrics_lib.bits_per_byte(loss, bytes_per_token),
-        "tokens": weight_sum,
-    }
+    out = {"loss": loss, "perplexity": metrics_lib.perplexity(loss), "tokens": weight_sum}
+    if bytes_per_token is not None:
+        out["bits_per_byte"] = metrics_lib.bits_per_byte(loss, bytes_per_token)
+    return out
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     vocab_path = tokenizer_path(cfg, workdir)
     cfg.tokenizer.path = os.path.abspath(vocab_path)
-    vocab = load_vocabulary(vocab_path)
+    vocab = load_vocabulary(vocab_path, cfg.tokenizer.extra_ids)
     model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(
@@ -111,6 +113,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
+    objective = cfg.data.objective
+    if objective not in ("lm", "mlm", "span_corruption"):
+        raise ConfigError(f"data.objective={objective!r}; expected lm, mlm or span_corruption")
+    if (objective == "mlm") == model_cfg.causal:
+        raise ConfigError(
+            "data.objective=mlm needs model.causal=False (bidirectional), and the other "
+            "objectives need model.causal=True"
+        )
     if primary:
         save_config(cfg, workdir)
 
@@ -145,7 +155,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_batches = make_eval_batches(
         cfg, vocab, workdir, cfg.train.eval_batches, jax.process_index(), jax.process_count()
     )
-    bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir)
+    bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir) if objective == "lm" else None
     flops_per_token = metrics_lib.model_flops_per_token(
         _resolved_model_cfg(cfg, model_cfg), cfg.data.seq_len
     )
@@ -172,6 +182,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 tokens_per_s = cfg.data.batch_size * cfg.data.seq_len / dt
                 throughput.append(tokens_per_s)
                 values.update(step_ms=dt * 1000, tokens_per_s=tokens_per_s)
+                if len(data_iter.names) > 1:  # measured mixture proportions so far
+                    taken = data_iter.rows_taken
+                    values.update(
+                        {f"mix/{n}": t / sum(taken) for n, t in zip(data_iter.names, taken)}
+                    )
                 util = metrics_lib.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)
                 if util is not None:
                     values["mfu"] = util
@@ -211,7 +226,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     if primary:
         samples = []
-        if cfg.train.sample_prompts:
+        if cfg.train.sample_prompts and objective == "lm":
             from lm.inference.sample import generate_text
 
             prompts = cfg.train.sample_prompts.split("|")
@@ -248,7 +263,7 @@ def restore_params(workdir: str, step: int | None = None):
     """
     cfg = load_run_config(workdir)
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
-    vocab = load_vocabulary(cfg.tokenizer.path)
+    vocab = load_vocabulary(cfg.tokenizer.path, cfg.tokenizer.get("extra_ids", 0))
     model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
     trainer = Trainer(cfg, model_cfg, sharding.make_mesh(cfg.mesh))
     ckpt = Checkpointer(

@@ -1,6 +1,7 @@
 """Train state, the loss, and the jit-compiled train and eval steps with explicit shardings.
 
-A batch is a dict of `[batch, seq]` arrays: inputs, targets, segment_ids, positions, weights.
+A batch is a dict of `[batch, seq]` arrays: inputs, targets, segment_ids, positions, weights (and
+`prefix` for the prefix-LM objective); see lm/data/iterator.py.
 The train step is a pure function `(state, batch) -> (state, metrics)`; the state is donated, and
 its sharding (from the config's logical-axis rules) is the same on the way in and out.
 """
@@ -17,10 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm import sharding
+from lm.data.iterator import batch_features
 from lm.models.transformer import ModelConfig, Transformer
 from lm.training.optimizer import lr_schedule, make_optimizer
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 
 @flax.struct.dataclass
@@ -46,7 +46,13 @@ def loss_sums(
     """Summed token cross-entropy (nats) and summed weights over a batch."""
     model = nnx.merge(graphdef, params)
     logits, _ = model(
-        batch["inputs"], batch["positions"], batch["segment_ids"], None, None, dropout_key
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        None,
+        None,
+        dropout_key,
+        batch.get("prefix"),
     )
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     weights = batch["weights"].astype(jnp.float32)
@@ -76,6 +82,7 @@ class Trainer:
             step=replicated, params=param_shardings, opt_state=opt_shardings, loss_ema=replicated
         )
         self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
+        self.batch_keys = batch_features(cfg.data.objective)
         self.abstract_state = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             jax.eval_shape(self._init),
@@ -140,7 +147,7 @@ class Trainer:
             def split(x):
                 return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
 
-            micro_batches = {k: split(batch[k]) for k in BATCH_KEYS}
+            micro_batches = {k: split(batch[k]) for k in self.batch_keys}
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
             (grads, loss_sum, weight_sum), _ = jax.lax.scan(
@@ -197,7 +204,7 @@ class Trainer:
             k: jax.ShapeDtypeStruct(
                 shape, jnp.float32 if k == "weights" else jnp.int32, sharding=self.batch_sharding
             )
-            for k in BATCH_KEYS
+            for k in self.batch_keys
         }
         with self.mesh, sharding.activation_sharding(self.mesh, self.rules):
             return self._train_step.lower(self.abstract_state, batch).compile()
@@ -206,5 +213,5 @@ class Trainer:
         """Host-local numpy rows -> global jax.Arrays laid out by the batch sharding."""
         return {
             k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
-            for k in BATCH_KEYS
+            for k in self.batch_keys
         }

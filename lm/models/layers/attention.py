@@ -1,4 +1,8 @@
-"""Causal self-attention with grouped-query heads, packed-segment masking and a KV cache."""
+"""Self-attention with grouped-query heads, packed-segment masking and a KV cache.
+
+Causal by default; a bidirectional variant (BERT-style masked LM) and a prefix-LM mask (T5-style
+span corruption on a decoder-only model) share the same module.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,26 @@ from lm.sharding import constrain
 LayerCache = dict[str, jax.Array]
 
 
-def segment_causal_mask(segment_ids: jax.Array) -> jax.Array:
-    """[batch, seq] segment ids -> [batch, 1, seq, seq] mask: causal and within one segment.
+def segment_mask(
+    segment_ids: jax.Array, causal: bool = True, prefix: jax.Array | None = None
+) -> jax.Array:
+    """[batch, seq] segment ids -> [batch, 1, seq, seq] mask of allowed (query, key) pairs.
 
-    Packed rows hold several documents; a token attends only to earlier tokens of its own
-    document. Padding (segment 0) attends to padding, so no row is fully masked.
+    Packed rows hold several documents; a token attends only to tokens of its own document:
+    earlier ones when `causal`, all of them when not (bidirectional, for masked LM). `prefix`
+    [batch, seq] (1 on each segment's input part) makes a prefix-LM: positions inside the prefix
+    also see each other in both directions. Padding (segment 0) attends to padding, so no row is
+    fully masked.
     """
-    seq = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((seq, seq), jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (same & causal)[:, None]
+    allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        seq = segment_ids.shape[1]
+        visible = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None]
+        if prefix is not None:
+            both = (prefix[:, :, None] > 0) & (prefix[:, None, :] > 0)
+            visible = visible | both
+        allowed = allowed & visible
+    return allowed[:, None]
 
 
 class Attention(nnx.Module):
@@ -45,6 +59,7 @@ class Attention(nnx.Module):
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
         self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), init_std=out_std, **common)
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.causal = cfg.causal
         self.implementation = None if cfg.attention == "auto" else cfg.attention
 
     def __call__(
@@ -54,11 +69,13 @@ class Attention(nnx.Module):
         segment_ids: jax.Array,
         cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
+        prefix: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
 
         With a cache, the `seq` new tokens are written at `cache_index` and attend to every
         cached position at or before their own (prefill and one-token decode alike).
+        `prefix` [batch, seq] marks bidirectional prefix positions (see `segment_mask`).
         """
         q = constrain(self.q(x), ("batch", "seq", "heads", "head_dim"))
         k = constrain(self.k(x), ("batch", "seq", "kv_heads", "head_dim"))
@@ -67,7 +84,7 @@ class Attention(nnx.Module):
             q = apply_rotary(q, positions, self.rope_theta)
             k = apply_rotary(k, positions, self.rope_theta)
         if cache is None:
-            mask = segment_causal_mask(segment_ids)
+            mask = segment_mask(segment_ids, self.causal, prefix)
         else:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
