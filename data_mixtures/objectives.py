@@ -23,6 +23,7 @@ import seqio
 import tensorflow as tf
 
 from data_mixtures.text import split_to_pieces
+from lm.config import ConfigError
 from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID
 
 OBJECTIVES = ("lm", "mlm", "span_corruption")
@@ -32,9 +33,9 @@ _ABSENT = -1  # Placeholder for "no token here" before a boolean_mask compacts a
 
 
 def validate_objective(objective: str) -> str:
-    """`objective` if it is one of OBJECTIVES, else a ValueError naming the config key."""
+    """`objective` if it is one of OBJECTIVES, else a ConfigError naming the config key."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"--config.data.objective must be one of {OBJECTIVES}, not {objective!r}")
+        raise ConfigError(f"--config.data.objective must be one of {OBJECTIVES}, not {objective!r}")
     return objective
 
 

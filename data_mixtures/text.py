@@ -20,7 +20,6 @@ import tensorflow as tf
 from lm.data.sources import DOC_KEYS, DataError, content_stamp, iter_documents
 
 
-
 def docs_fingerprint(data_cfg: ml_collections.ConfigDict) -> dict:
     """The document-defining part of the data config plus a stamp of the files' sizes and
     mtimes, as a JSON-able dict: edited data gets a new Task name and a new cache."""

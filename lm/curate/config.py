@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
         url_field="url",
         tfds_name="",
         tfds_split="train",
+        tfds_data_dir="",  # "": TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
         max_documents=0,  # 0: all
     )
     c.clean = _group(ftfy=True, nfc=True, boilerplate=True, boilerplate_max_words=12)

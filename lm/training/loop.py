@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_mixtures.objectives import validate_objective
 from lm import sharding
 from lm.config import ConfigError
 from lm.data.pipeline import make_eval_batches, make_train_iterator, validation_bytes_per_token
@@ -114,8 +115,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
     objective = cfg.data.objective
-    if objective not in ("lm", "mlm", "span_corruption"):
-        raise ConfigError(f"data.objective={objective!r}; expected lm, mlm or span_corruption")
+    validate_objective(objective)
     if (objective == "mlm") == model_cfg.causal:
         raise ConfigError(
             "data.objective=mlm needs model.causal=False (bidirectional), and the other "
