@@ -53,6 +53,14 @@ def _walk(root: str, include: list[str], exclude: list[str]) -> list[tuple[str, 
     return out
 
 
+def _tfds_data_dir(src: dict[str, Any]) -> str | None:
+    """`source.tfds_data_dir`, or None for TFDS's default.
+
+    A config key rather than only the TFDS_DATA_DIR variable: TFDS reads that once, at import,
+    and remote Beam workers do not inherit the launching shell's environment."""
+    return src["tfds_data_dir"] or None
+
+
 def expand_inputs(src: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, relative name) pairs to read, or raises ConfigError for a missing input."""
     kind = src["type"]
@@ -63,13 +71,13 @@ def expand_inputs(src: dict[str, Any]) -> list[tuple[str, str]]:
         import tensorflow_datasets as tfds
 
         try:
-            prepared = tfds.builder(src["tfds_name"]).is_prepared()
+            prepared = tfds.builder(src["tfds_name"], data_dir=_tfds_data_dir(src)).is_prepared()
         except Exception as e:  # noqa: BLE001 - unknown name, bad version...: a user error
             raise ConfigError(f"TFDS dataset {src['tfds_name']!r}: {e}".splitlines()[0]) from None
         if not prepared:
             raise ConfigError(
                 f"TFDS dataset {src['tfds_name']!r} is not prepared locally (no downloads here); "
-                "run tfds build for it first or point TFDS_DATA_DIR at it"
+                "run tfds build for it first or point --config.source.tfds_data_dir at it"
             )
         return [(src["tfds_name"], src["tfds_name"])]
     if kind == "stdlib":
@@ -251,7 +259,8 @@ def read_tfds(name: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Documents from a locally prepared TFDS dataset's `text_field` feature."""
     import tensorflow_datasets as tfds
 
-    ds = tfds.load(name, split=src["tfds_split"], shuffle_files=False, download=False)
+    split, data_dir = src["tfds_split"], _tfds_data_dir(src)
+    ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False, download=False)
     for i, example in enumerate(tfds.as_numpy(ds)):
         if src["max_documents"] and i >= src["max_documents"]:
             return
