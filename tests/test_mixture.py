@@ -97,14 +97,22 @@ def test_iterator_follows_step_dependent_rates_and_resumes(vocab_for):
         assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_source_task_reads_a_registered_seqio_mixture(vocab_for):
+def test_source_task_reads_a_registered_seqio_mixture(vocab_for, tmp_path, monkeypatch):
+    """A user's module in data_mixtures/ registers a seqio Mixture; training finds it by name."""
+    import data_mixtures
     from data_mixtures import register_text_task
 
     root, vocab = vocab_for
     cfg = mixture_cfg(root)
     path = vocab.sentencepiece_model_file
     tasks = [register_text_task(c.data, path) for c in mixture.configured_components(cfg.data)]
-    seqio.MixtureRegistry.add("test_user_mixture", [(tasks[0], 3.0), (tasks[1], 1.0)])
+    (tmp_path / "user_mixture.py").write_text(
+        "import seqio\n"
+        f"RATES = [({tasks[0]!r}, 3.0), ({tasks[1]!r}, 1.0)]\n"
+        "seqio.MixtureRegistry.add('test_user_mixture', RATES)\n"
+    )
+    monkeypatch.setattr(data_mixtures, "__path__", [*data_mixtures.__path__, str(tmp_path)])
+    assert "test_user_mixture" not in seqio.MixtureRegistry.names()
     task_cfg = default_config()
     task_cfg.data.update(source="task", task="test_user_mixture", seq_len=SEQ, batch_size=BATCH)
     components = mixture.components_for_training(task_cfg.data, path)

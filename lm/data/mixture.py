@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import seqio
 
+from data_mixtures import load_registrations
 from data_mixtures.text import register_text_task
 from lm.data.sources import DOC_KEYS, DataError
 
@@ -111,6 +112,8 @@ def components_for_training(
             dataclasses.replace(by_task[t.name], rate=float(mixture.get_rate(t)))
             for t in mixture.tasks
         ]
+    if data_cfg.source == "task":
+        load_registrations()  # modules in data_mixtures/ register Tasks and Mixtures by name
     if data_cfg.source == "task" and data_cfg.task in seqio.MixtureRegistry.names():
         mixture = seqio.get_mixture_or_task(data_cfg.task)
         return [
