@@ -67,7 +67,11 @@ def test_trained_mixture_proportions_match_rates(tmp_path):
     # 640 rows: the sampling noise is ~0.017, so 0.05 is about three standard deviations.
     assert last["mix/code"] == pytest.approx(0.75, abs=0.05)
     assert last["mix/prose"] == pytest.approx(0.25, abs=0.05)
-    assert np.isfinite(summary["validation"]["loss"])
+    val = summary["validation"]
+    assert np.isfinite(val["loss"]) and val["loss/code"] != val["loss/prose"]
+    # The mixed validation loss weighs each component's by its share of the rows.
+    assert min(val["loss/code"], val["loss/prose"]) < val["loss"]
+    assert val["loss"] < max(val["loss/code"], val["loss/prose"])
     registered = [seqio.get_mixture_or_task(n) for n in seqio.MixtureRegistry.names()]
     rates = sorted(
         m.get_rate(t) for m in registered if m.name.startswith("lm_mixture_") for t in m.tasks

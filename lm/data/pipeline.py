@@ -275,10 +275,17 @@ def make_train_iterator(
     )
 
 
-def _validation_shares(cfg, vocab, workdir: str, total: int, process_index: int, count: int):
+def _validation_shares(
+    cfg, vocab, workdir: str, total: int, process_index: int, count: int, only: str | None
+):
     """[(rows, meta, n)]: each component's validation rows and how many of `total` rows it
-    gets (by its final rate, largest remainders first)."""
+    gets (by its final rate, largest remainders first; all of them for component `only`)."""
     components = _components(cfg, vocab)
+    if only is not None:
+        names = [c.name for c, _ in components]
+        if only not in names:
+            raise DataError(f"no mixture component {only!r}; there are {names}")
+        components = [(c, ccfg) for c, ccfg in components if c.name == only]
     rates = mixture.rates_at([c for c, _ in components], 1.0)
     exact = rates * total
     shares = np.floor(exact).astype(int)
@@ -298,16 +305,17 @@ def make_eval_batches(
     num_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    component: str | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """`num_batches` validation batches [batch // process_count, seq_len], the same every call.
 
     Rows are taken in order and wrap around when the validation split is smaller than
     num_batches batches, so every host returns the same number of batches. A mixture gives
-    each component its final-rate share of the rows.
+    each component its final-rate share of the rows, or all of them to `component`.
     """
     batch = _per_host_batch(cfg, process_count)
     shares = _validation_shares(
-        cfg, vocab, workdir, num_batches * batch, process_index, process_count
+        cfg, vocab, workdir, num_batches * batch, process_index, process_count, component
     )
     parts = [
         {k: np.asarray(v[np.arange(n) % meta["rows"]]) for k, v in rows.items()}

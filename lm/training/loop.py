@@ -155,6 +155,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_batches = make_eval_batches(
         cfg, vocab, workdir, cfg.train.eval_batches, jax.process_index(), jax.process_count()
     )
+    # A mixture also reports each component's own validation loss ("loss/<name>").
+    component_batches = {
+        name: make_eval_batches(
+            cfg,
+            vocab,
+            workdir,
+            cfg.train.eval_batches,
+            jax.process_index(),
+            jax.process_count(),
+            name,
+        )
+        for name in (data_iter.names if len(data_iter.names) > 1 else ())
+    }
     bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir) if objective == "lm" else None
     flops_per_token = metrics_lib.model_flops_per_token(
         _resolved_model_cfg(cfg, model_cfg), cfg.data.seq_len
@@ -203,6 +216,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 t_last, step_last = time.perf_counter(), done
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 val = evaluate(trainer, state.params, eval_batches, bytes_per_token)
+                for name, batches in component_batches.items():
+                    val[f"loss/{name}"] = evaluate(trainer, state.params, batches, None)["loss"]
                 writer.write(done, val, split="validation")
                 summary["validation"] = val
                 t_last = time.perf_counter()
