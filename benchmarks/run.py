@@ -78,11 +78,17 @@ def main() -> int:
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--skip_data", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated training cases, e.g. char_tiny")
     args = parser.parse_args()
+    only = set(filter(None, args.only.split(",")))
+    if only - set(CASES):
+        parser.error(f"--only: unknown case(s) {sorted(only - set(CASES))}; known: {list(CASES)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         text = corpus_file(tmp)
         for name, overrides in CASES.items():
+            if only and name not in only:
+                continue
             extra = [f"--config.data.path={text}"] if name == "char_tiny" else []
             result = train_throughput(name, overrides + extra, args.steps, os.path.join(tmp, name))
             print(f"{name}: {result['median_tokens_per_s']:,.0f} tokens/s", flush=True)

@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
             scan_layers=False,
-            attention="auto",  # auto | xla | cudnn: passed to jax.nn.dot_product_attention
+            attention="auto",  # auto (einsums on CPU, else jax's choice) | xla | cudnn
             causal=True,  # False: bidirectional attention (BERT-style masked LM)
         )
     )

@@ -40,6 +40,26 @@ def segment_mask(
     return allowed[:, None]
 
 
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim), masked) v as plain 4-D einsums; the CPU path.
+
+    q [batch, seq, heads, head_dim], k/v [batch, kv_seq, kv_heads, head_dim], mask broadcastable
+    to [batch, 1, seq, kv_seq]. Same math as `jax.nn.dot_product_attention`'s XLA path (fp32
+    logits and softmax, masked logits set to -0.7 * float32 max), but without its grouped
+    5-D [batch, kv_heads, group, ...] layout, whose softmax reductions XLA:CPU runs several
+    times slower: fwd + bwd of one char_tiny attention layer takes ~1.8 ms instead of ~2.6 ms
+    on a 2-core CPU (see BENCHMARKS.md).
+    """
+    group = q.shape[2] // k.shape[2]
+    if group > 1:  # grouped-query: each K/V head serves `group` consecutive query heads
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(q.shape[-1] ** -0.5)
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
 class Attention(nnx.Module):
     """Multi-head attention; `num_kv_heads < num_heads` shares each K/V head across a group."""
 
@@ -92,8 +112,12 @@ class Attention(nnx.Module):
             cache = {"k": k, "v": v}
             query_pos = cache_index + jnp.arange(x.shape[1])
             mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, implementation=self.implementation
-        )
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if self.implementation is None and jax.default_backend() == "cpu":
+            out = einsum_attention(q, k, v, mask)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, implementation=self.implementation
+            )
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return self.o(out), cache
