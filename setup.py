@@ -35,7 +35,8 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "dev": ["pytest>=8,<10", "ruff==0.17.6"],
+        # ipython: the notebooks display with IPython.display (Colab has it; the notebook test too).
+        "dev": ["pytest>=8,<10", "ruff==0.17.6", "ipython>=8,<10"],
     },
     entry_points={"console_scripts": ["lm=lm.cli:main"]},
 )
