@@ -18,7 +18,7 @@ from types import ModuleType
 import ml_collections
 
 import experiments
-from lm.data.sources import DOC_KEYS
+from lm.data.sources import COMPONENT_KEYS, DOC_KEYS
 
 
 class ConfigError(ValueError):
@@ -165,7 +165,7 @@ def mixture_component(
     Every key is present, so each can be overridden (`--config.data.mixture.web.rate=0.5`).
     `final_rate` < 0 keeps `rate` for the whole run (see data.curriculum.mixture_steps).
     """
-    unknown = sorted(set(keys) - {*DOC_KEYS, "task"})
+    unknown = sorted(set(keys) - set(COMPONENT_KEYS))
     if unknown:
         raise ConfigError(f"mixture component keys {unknown} are not document keys {DOC_KEYS}")
     return {

@@ -28,10 +28,7 @@ import seqio
 
 from data_mixtures import load_registrations
 from data_mixtures.text import register_text_task
-from lm.data.sources import DOC_KEYS, DataError
-
-# Keys a component may set besides rate / final_rate: what defines its documents.
-COMPONENT_KEYS = (*DOC_KEYS, "task")
+from lm.data.sources import COMPONENT_KEYS, DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +109,10 @@ def components_for_training(
             dataclasses.replace(by_task[t.name], rate=float(mixture.get_rate(t)))
             for t in mixture.tasks
         ]
-    if data_cfg.source == "task":
-        load_registrations()  # modules in data_mixtures/ register Tasks and Mixtures by name
-    if data_cfg.source == "task" and data_cfg.task in seqio.MixtureRegistry.names():
+    if data_cfg.source != "task":
+        return [Component("main", data_cfg, 1.0, 1.0)]
+    load_registrations()  # modules in data_mixtures/ register Tasks and Mixtures by name
+    if data_cfg.task in seqio.MixtureRegistry.names():
         mixture = seqio.get_mixture_or_task(data_cfg.task)
         return [
             Component(

@@ -36,10 +36,9 @@ import seqio
 from lm.data import curriculum, mixture
 from lm.data.iterator import FEATURES, PackedBatchIterator, batch_features
 from lm.data.sources import DataError, iter_documents, tf_cpu_only
+from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID
 
 _CACHE_VERSION = 2
-BOS_ID = 3
-EOS_ID = 1
 _CONVERTER_KEYS = {
     "inputs": "decoder_input_tokens",
     "targets": "decoder_target_tokens",

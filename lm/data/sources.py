@@ -43,6 +43,8 @@ DOC_KEYS = (
     "max_file_bytes",
     "validation_fraction",
 )
+# What a `data.mixture` component may set besides its rates: its documents, or a seqio task.
+COMPONENT_KEYS = (*DOC_KEYS, "task")
 # Target size of one document when a single big text file is cut into documents.
 TEXT_CHUNK_BYTES = 4096
 # Directories of the stdlib that hold no useful text (or binary test fixtures).

@@ -104,6 +104,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"({batch_shards} devices) times optim.grad_accum_steps; change "
             "--config.data.batch_size or --config.mesh.*"
         )
+    objective = cfg.data.objective
+    validate_objective(objective)
+    if (objective == "mlm") == cfg.model.causal:
+        raise ConfigError(
+            "data.objective=mlm needs model.causal=False (bidirectional), and the other "
+            "objectives need model.causal=True"
+        )
     vocab_path = tokenizer_path(cfg, workdir)
     cfg.tokenizer.path = os.path.abspath(vocab_path)
     vocab = load_vocabulary(vocab_path, cfg.tokenizer.extra_ids)
@@ -114,13 +121,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
-    objective = cfg.data.objective
-    validate_objective(objective)
-    if (objective == "mlm") == model_cfg.causal:
-        raise ConfigError(
-            "data.objective=mlm needs model.causal=False (bidirectional), and the other "
-            "objectives need model.causal=True"
-        )
     if primary:
         save_config(cfg, workdir)
 
