@@ -55,7 +55,7 @@ def train_throughput(experiment: str, overrides: list[str], steps: int, workdir:
         f"--experiment={experiment}",
         f"--workdir={workdir}",
         f"--config.train.steps={steps}",
-        "--config.train.log_every=25",
+        "--config.train.log_every=50",
         f"--config.train.eval_every={steps}",
         f"--config.train.checkpoint_every={steps}",
         "--config.train.sample_prompts=",
@@ -76,7 +76,7 @@ def train_throughput(experiment: str, overrides: list[str], steps: int, workdir:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="BENCHMARKS.md")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--skip_data", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated training cases, e.g. char_tiny")
     args = parser.parse_args()

@@ -11,6 +11,8 @@ def get_config():
     c.tokenizer.update(kind="char", vocab_size=256, byte_fallback=False)
     c.data.update(source="text", seq_len=64, batch_size=12)
     c.optim.update(lr=1e-3, warmup_steps=100, b2=0.99)
-    c.train.update(steps=2000, log_every=50, eval_every=250, checkpoint_every=500)
+    c.train.update(
+        steps=2000, log_every=50, eval_every=250, checkpoint_every=500, steps_per_call=10
+    )
     c.train.sample_prompts = "\n"
     return c

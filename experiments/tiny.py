@@ -10,5 +10,5 @@ def get_config():
     c.tokenizer.update(kind="bpe", vocab_size=2048)
     c.data.update(source="stdlib", seq_len=128, batch_size=16, max_documents=1500)
     c.optim.update(lr=3e-3, warmup_steps=30)
-    c.train.update(steps=300, log_every=10, eval_every=100, checkpoint_every=100)
+    c.train.update(steps=300, log_every=10, eval_every=100, checkpoint_every=100, steps_per_call=10)
     return c

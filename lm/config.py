@@ -131,7 +131,11 @@ def default_config() -> ml_collections.ConfigDict:
             async_checkpoints=True,
             sample_prompts="def |import |class ",  # '|'-separated prompts for report samples
             sample_tokens=64,
-            profile=False,
+            # Steps run per jitted call (a lax.scan over the step): saves the per-call host
+            # work that small models on CPU pay every step. Groups start at multiples of it;
+            # steps near a log/eval/checkpoint step that falls inside a group run one by one.
+            steps_per_call=1,
+            profile_steps=0,  # > 0: a jax.profiler trace of this many steps, <workdir>/profile
         )
     )
 

@@ -1,5 +1,6 @@
 """Checkpoints: SIGKILL + restart reproduces the uninterrupted losses bit for bit; SIGTERM saves
-and exits; a corrupt checkpoint is skipped with a warning and never loaded."""
+and exits; a corrupt checkpoint is skipped with a warning and never loaded; train.profile_steps
+writes a profiler trace."""
 
 import json
 import os
@@ -76,23 +77,31 @@ def wait_for_step(workdir, proc, step, timeout=240):
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus):
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus, per_call):
     env = ENV
+    # per_call=4: steps run in groups of 4 per jitted call, logged after each group.
+    grouping = [f"--config.train.steps_per_call={per_call}", f"--config.train.log_every={per_call}"]
     straight = tmp_path / "straight"
-    subprocess.run(command(straight, corpus), check=True, env=env, capture_output=True)
+    subprocess.run(command(straight, corpus, *grouping), check=True, env=env, capture_output=True)
     reference = losses(straight)
-    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert sorted(reference) == list(range(per_call, STEPS + 1, per_call))
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        command(killed, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(killed, corpus, *grouping),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_for_step(killed, proc, 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = losses(killed)
     assert max(partial) < STEPS
-    result = subprocess.run(command(killed, corpus), env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        command(killed, corpus, *grouping), env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from checkpoint" in result.stderr
     resumed = losses(killed)
@@ -133,3 +142,13 @@ def test_corrupt_checkpoint_is_skipped(tmp_path, caplog):
     assert step == 1 and data == {"batches": 1}
     np.testing.assert_array_equal(restored["w"], np.arange(4.0))
     assert "checkpoint 2" in caplog.text and "unreadable" in caplog.text
+
+
+def test_profile_steps_write_a_trace(tmp_path, corpus):
+    workdir = tmp_path / "profiled"
+    run = command(workdir, corpus, "--config.train.steps=6", "--config.train.profile_steps=2")
+    result = subprocess.run(run, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert "profiler trace up to step 3" in result.stderr

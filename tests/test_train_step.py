@@ -57,6 +57,56 @@ def test_gradient_accumulation_equals_the_large_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
 
 
+def test_a_group_of_steps_in_one_call_equals_the_steps_one_by_one():
+    t = trainer()
+    one, group = t.init_state(), t.init_state()
+    per_step = []
+    for i in range(3):
+        one, m = t.train_step(one, t.device_batch(batch(i)))
+        per_step.append(float(m["loss"]))
+    stacked = {k: np.stack([batch(i)[k] for i in range(3)]) for k in batch(0)}
+    group, metrics = t.train_steps(group, t.device_batch(stacked))
+    assert int(group.step) == int(one.step) == 3
+    np.testing.assert_allclose(np.asarray(metrics["loss"]), per_step, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(group.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
+
+
+def test_steps_are_grouped_only_where_nothing_happens_inside_the_group():
+    from lm.data.curriculum import Curriculum
+    from lm.training.loop import steps_in_call
+
+    cfg = get_config(
+        "tiny",
+        [
+            "--config.train.steps=100",
+            "--config.train.steps_per_call=10",
+            "--config.train.log_every=25",
+            "--config.train.eval_every=50",
+            "--config.train.checkpoint_every=50",
+        ],
+    )
+    flat = Curriculum.from_config(cfg)
+    assert steps_in_call(0, cfg, flat) == 10  # logs after step 10: no boundary inside
+    assert steps_in_call(20, cfg, flat) == 1  # step 25 (a log step) would fall inside
+    assert steps_in_call(25, cfg, flat) == 1  # not a multiple of 10
+    assert steps_in_call(30, cfg, flat) == 10
+    assert steps_in_call(40, cfg, flat) == 10  # ends exactly on the eval/checkpoint step 50
+    assert steps_in_call(95, cfg, flat) == 1
+    cfg.train.steps = 95
+    assert steps_in_call(90, cfg, flat) == 1  # would run past train.steps
+    cfg.train.steps = 100
+    cfg.data.curriculum.update(seq_len_start=32, seq_len_warmup_steps=60)  # stages: 0, 20, 40
+    warm = Curriculum.from_config(cfg)
+    assert [warm.row_len(s) for s in (0, 19, 20, 40)] == [32, 32, 64, 128]
+    assert steps_in_call(0, cfg, warm) == 10 and steps_in_call(10, cfg, warm) == 10
+    cfg.data.curriculum.seq_len_warmup_steps = 45  # stages: 0, 15, 30: 10-19 changes length
+    warm = Curriculum.from_config(cfg)
+    assert steps_in_call(10, cfg, warm) == 1 and steps_in_call(30, cfg, warm) == 10
+    cfg.train.steps_per_call = 1
+    assert steps_in_call(0, cfg, flat) == 1
+
+
 def test_spike_guard_skips_the_update_and_says_so():
     t = trainer("--config.optim.spike_factor=2.0")
     state = t.init_state()

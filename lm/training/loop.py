@@ -2,7 +2,7 @@
 
 Re-running in the same workdir resumes from the newest readable checkpoint, with the data
 iterator restored, so the loss at every later step matches the uninterrupted run. SIGTERM and
-SIGINT (TPU VM preemption, Ctrl-C) save a checkpoint at the next step boundary and exit.
+SIGINT (TPU VM preemption, Ctrl-C) save a checkpoint at the end of the current call and exit.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 from data_mixtures.objectives import validate_objective
 from lm import sharding
 from lm.config import ConfigError
+from lm.data.curriculum import Curriculum
 from lm.data.pipeline import make_eval_batches, make_train_iterator, validation_bytes_per_token
 from lm.models.transformer import ModelConfig
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer
@@ -91,6 +92,25 @@ def evaluate(trainer: Trainer, params, batches: list[dict], bytes_per_token: flo
     return out
 
 
+def steps_in_call(step: int, cfg: ml_collections.ConfigDict, curriculum: Curriculum) -> int:
+    """How many steps the call that starts at `step` runs: `train.steps_per_call` when the group
+    starts at a multiple of it, ends by `train.steps`, logs / evaluates / checkpoints only
+    after its last step and keeps one row length (sequence-length warmup); otherwise 1.
+
+    It depends on `step` alone, so a resumed run groups every step (and so compiles and rounds
+    it) exactly as the uninterrupted run did.
+    """
+    t, k = cfg.train, cfg.train.steps_per_call
+    if k <= 1 or step % k or step + k > t.steps:
+        return 1
+    last = step + k - 1
+    if any(
+        last // every != step // every for every in (t.log_every, t.eval_every, t.checkpoint_every)
+    ):
+        return 1
+    return k if curriculum.row_len(step) == curriculum.row_len(last) else 1
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary."""
     init_distributed()
@@ -121,12 +141,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
+    if cfg.train.steps_per_call < 1 or cfg.train.profile_steps < 0:
+        raise ConfigError("train.steps_per_call must be >= 1 and train.profile_steps >= 0")
+    curriculum = Curriculum.from_config(cfg)
+    uneven = [
+        f"train.{key}={cfg.train[key]}"
+        for key in ("log_every", "eval_every", "checkpoint_every")
+        if cfg.train[key] % cfg.train.steps_per_call
+    ]
+    if uneven:
+        logging.warning(
+            "train.steps_per_call=%d does not divide %s: the steps around those run one per "
+            "call (slower)",
+            cfg.train.steps_per_call,
+            ", ".join(uneven),
+        )
     if primary:
         save_config(cfg, workdir)
 
     trainer = Trainer(cfg, model_cfg, mesh)
     logging.info("mesh %s; compiling the train step", dict(mesh.shape))
-    compiled = trainer.compile()
+    compiled = trainer.compile(cfg.train.steps_per_call)
     memory = compiled.memory_analysis()
     if memory is not None and primary:
         logging.info(
@@ -183,13 +218,34 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     throughput: list[float] = []
     summary: dict[str, Any] = {"resumed_from": start}
     t_last, step_last = time.perf_counter(), start
+    profile_until, profiling = None, False  # profiler trace: steps (start, profile_until]
+    done = start
     try:
-        for step in range(start, cfg.train.steps):
-            batch = trainer.device_batch(next(data_iter))
-            state, step_metrics = trainer.train_step(state, batch)
-            done = step + 1
+        while done < cfg.train.steps:
+            step = done
+            if cfg.train.profile_steps and profile_until is None and step > start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                profile_until, profiling = step + cfg.train.profile_steps, True
+            count = steps_in_call(step, cfg, curriculum)
+            if count == 1:
+                state, step_metrics = trainer.train_step(
+                    state, trainer.device_batch(next(data_iter))
+                )
+            else:
+                group = [next(data_iter) for _ in range(count)]
+                stacked = {k: np.stack([b[k] for b in group]) for k in group[0]}
+                state, step_metrics = trainer.train_steps(state, trainer.device_batch(stacked))
+            done = step + count
+            if profiling and (done >= profile_until or done == cfg.train.steps):
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                profiling = False
+                logging.info("profiler trace up to step %d in %s/profile", done, workdir)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                # A group's metrics are [count]: log its last step, and how many it skipped.
+                fetched = jax.device_get(step_metrics)
+                values = {k: float(np.asarray(v).reshape(-1)[-1]) for k, v in fetched.items()}
+                values["skipped"] = float(np.sum(fetched["skipped"]))
                 now = time.perf_counter()
                 dt = (now - t_last) / max(1, done - step_last)
                 tokens_per_s = cfg.data.batch_size * cfg.data.seq_len / dt
@@ -205,9 +261,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     values["mfu"] = util
                 if values["skipped"]:
                     logging.warning(
-                        "step %d: loss %.4g / grad norm %.4g is a spike or not finite; "
-                        "update skipped",
+                        "step %d: %d update(s) skipped in the last %d step(s): loss spike or "
+                        "not finite (loss %.4g, grad norm %.4g)",
                         done,
+                        values["skipped"],
+                        count,
                         values["loss"],
                         values["grad_norm"],
                     )
@@ -229,6 +287,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 logging.warning("signal %d: saved checkpoint %d; exiting", stop_signal[0], done)
                 raise Preempted(stop_signal[0])
     finally:
+        if profiling:
+            jax.profiler.stop_trace()
         for s, handler in previous.items():
             signal.signal(s, handler)
         ckpt.close()

@@ -94,6 +94,16 @@ class Trainer:
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=(0,),
         )
+        # `train.steps_per_call` steps in one call: batches stacked [steps, batch, seq].
+        self.stacked_batch_sharding = NamedSharding(
+            mesh, PartitionSpec(None, *self.batch_sharding.spec)
+        )
+        self._train_steps = jax.jit(
+            self._with_rules(lambda state, batches: jax.lax.scan(self._step, state, batches)),
+            in_shardings=(self.state_shardings, self.stacked_batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=(0,),
+        )
         self._eval_step = jax.jit(
             self._with_rules(self._eval),
             in_shardings=(param_shardings, self.batch_sharding),
@@ -212,23 +222,40 @@ class Trainer:
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         return self._train_step(state, batch)
 
+    def train_steps(self, state: TrainState, batches: dict) -> tuple[TrainState, dict]:
+        """Several train steps in one call (a `lax.scan` of `train_step`): `batches` holds
+        `[steps, batch, seq]` arrays and each metric comes back as `[steps]`. One dispatch per
+        group saves the per-call host work (argument flattening, launch, output buffers), which
+        on a 2-core CPU competes with the step itself: char_tiny 48 -> 36 ms a step."""
+        return self._train_steps(state, batches)
+
     def eval_step(self, params: nnx.State, batch: dict) -> dict:
         return self._eval_step(params, batch)
 
-    def compile(self) -> Any:
-        """AOT-compiles the train step for the configured shapes; fails early on OOM."""
+    def compile(self, steps: int = 1) -> Any:
+        """AOT-compiles the train step (a group of `steps` steps when > 1) for the configured
+        shapes; fails early on OOM."""
         shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        sharding = self.batch_sharding
+        if steps > 1:
+            shape, sharding = (steps, *shape), self.stacked_batch_sharding
         batch = {
             k: jax.ShapeDtypeStruct(
-                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=self.batch_sharding
+                shape, jnp.float32 if k == "weights" else jnp.int32, sharding=sharding
             )
             for k in self.batch_keys
         }
-        return self._train_step.lower(self.abstract_state, batch).compile()
+        step_fn = self._train_steps if steps > 1 else self._train_step
+        return step_fn.lower(self.abstract_state, batch).compile()
 
     def device_batch(self, local_batch: dict) -> dict:
-        """Host-local numpy rows -> global jax.Arrays laid out by the batch sharding."""
+        """Host-local numpy rows -> global jax.Arrays laid out by the batch sharding. Rows are
+        `[batch, seq]` for `train_step`, or `[steps, batch, seq]` (a group of steps, stacked)
+        for `train_steps`."""
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, local_batch[k])
+            k: jax.make_array_from_process_local_data(
+                self.stacked_batch_sharding if local_batch[k].ndim == 3 else self.batch_sharding,
+                local_batch[k],
+            )
             for k in self.batch_keys
         }
