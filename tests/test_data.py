@@ -237,6 +237,24 @@ def test_zero_rows_is_a_data_error(corpus):
         pipeline.make_eval_batches(cfg, vocab, workdir, 1)
 
 
+def test_caches_are_built_in_a_child_process_and_its_errors_come_back(corpus, tmp_path):
+    cfg, vocab, _ = corpus
+    cfg = dir_cfg(cfg.data.path)
+    cfg.tokenizer.path = vocab.sentencepiece_model_file
+    workdir = str(tmp_path / "work")
+    pipeline.build_caches_apart(cfg, vocab, workdir)
+    built = sorted(os.listdir(os.path.join(workdir, "data_cache")))
+    assert [name.split("-")[0] for name in built] == ["train", "validation"]
+    for name in built:  # complete caches, which training then only memory-maps
+        assert os.path.exists(os.path.join(workdir, "data_cache", name, "meta.json"))
+    rows, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    assert isinstance(rows["targets"], np.memmap)
+    empty = dir_cfg(cfg.data.path, validation_fraction=0.0)
+    empty.tokenizer.path = vocab.sentencepiece_model_file
+    with pytest.raises(DataError, match="zero validation rows"):
+        pipeline.build_caches_apart(empty, vocab, str(tmp_path / "empty"))
+
+
 def test_registered_task_source(corpus):
     from data_mixtures import register_text_task
 

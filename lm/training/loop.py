@@ -24,7 +24,12 @@ from data_mixtures.objectives import validate_objective
 from lm import sharding
 from lm.config import ConfigError
 from lm.data.curriculum import Curriculum
-from lm.data.pipeline import make_eval_batches, make_train_iterator, validation_bytes_per_token
+from lm.data.pipeline import (
+    build_caches_apart,
+    make_eval_batches,
+    make_train_iterator,
+    validation_bytes_per_token,
+)
 from lm.models.transformer import ModelConfig
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer
 from lm.training import metrics as metrics_lib
@@ -158,6 +163,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     if primary:
         save_config(cfg, workdir)
+    build_caches_apart(cfg, vocab, workdir, jax.process_index(), jax.process_count())
 
     trainer = Trainer(cfg, model_cfg, mesh)
     logging.info("mesh %s; compiling the train step", dict(mesh.shape))
