@@ -128,3 +128,28 @@ def test_attention_masks_causal_bidirectional_and_prefix():
     ones = jnp.ones((1, 12), jnp.int32)
     assert _changes_at(prefix_lm, tokens, positions, ones, flip=3, prefix=prefix)[:3].all()
     assert not _changes_at(prefix_lm, tokens, positions, ones, flip=7, prefix=prefix)[:7].any()
+
+
+def test_cpu_einsum_attention_matches_dot_product_attention():
+    """The CPU path (normalized after the second einsum) against jax.nn's XLA attention."""
+    from lm.models.layers.attention import einsum_attention, segment_mask
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 16, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32) for _ in range(2))
+    segments = jnp.asarray(np.repeat([[1, 2, 0, 0], [1, 1, 1, 3]], 4, axis=1), jnp.int32)
+    for mask in (segment_mask(segments, True), segment_mask(segments, False)):
+
+        def loss(fn, q, k, v, mask=mask):
+            return jnp.sum(jnp.sin(fn(q, k, v, mask)))
+
+        def reference(q, k, v, mask):
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+        np.testing.assert_allclose(
+            einsum_attention(q, k, v, mask), reference(q, k, v, mask), rtol=1e-5, atol=1e-5
+        )
+        ours = jax.grad(lambda *a: loss(einsum_attention, *a), argnums=(0, 1, 2))(q, k, v)
+        theirs = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
