@@ -237,12 +237,14 @@ def test_zero_rows_is_a_data_error(corpus):
         pipeline.make_eval_batches(cfg, vocab, workdir, 1)
 
 
-def test_caches_are_built_in_a_child_process_and_its_errors_come_back(corpus, tmp_path):
+def test_caches_are_built_in_a_child_process_and_its_errors_come_back(corpus, tmp_path, caplog):
     cfg, vocab, _ = corpus
     cfg = dir_cfg(cfg.data.path)
     cfg.tokenizer.path = vocab.sentencepiece_model_file
     workdir = str(tmp_path / "work")
-    pipeline.build_caches_apart(cfg, vocab, workdir)
+    with caplog.at_level("INFO"):
+        pipeline.build_caches_apart(cfg, vocab, workdir)
+    assert "data: built" in caplog.text  # the child's log lines are relayed
     built = sorted(os.listdir(os.path.join(workdir, "data_cache")))
     assert [name.split("-")[0] for name in built] == ["train", "validation"]
     for name in built:  # complete caches, which training then only memory-maps

@@ -402,8 +402,9 @@ def build_caches_apart(
     for line in child.stderr.splitlines():
         if line.startswith(_CHILD_ERROR):
             raise DataError(line[len(_CHILD_ERROR) :])
-        if " INFO data: " in line:
-            logging.info(line.split(" INFO ", 1)[1])
+        parts = line.split(" ", 2)  # the child's "HH:MM:SS LEVEL message" log lines
+        if len(parts) == 3 and parts[1] in ("INFO", "WARNING", "ERROR"):
+            logging.log(logging.getLevelName(parts[1]), parts[2])
     if child.returncode:
         raise RuntimeError(f"building the data caches failed:\n{child.stderr[-3000:]}")
 
