@@ -40,6 +40,10 @@ def test_experiments_lists_every_shipped_name(capsys):
             ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.batch_size=13"],
             "data.batch_size=13 must divide",
         ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.eval_every=0"],
+            "train.eval_every=0 must be >= 1",
+        ),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):

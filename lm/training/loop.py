@@ -129,6 +129,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"({batch_shards} devices) times optim.grad_accum_steps; change "
             "--config.data.batch_size or --config.mesh.*"
         )
+    for key in ("steps_per_call", "log_every", "eval_every", "checkpoint_every"):
+        if cfg.train[key] < 1:
+            raise ConfigError(f"train.{key}={cfg.train[key]} must be >= 1")
+    if cfg.train.profile_steps < 0:
+        raise ConfigError(f"train.profile_steps={cfg.train.profile_steps} must be >= 0")
     objective = cfg.data.objective
     validate_objective(objective)
     if (objective == "mlm") == cfg.model.causal:
@@ -146,8 +151,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         )
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
-    if cfg.train.steps_per_call < 1 or cfg.train.profile_steps < 0:
-        raise ConfigError("train.steps_per_call must be >= 1 and train.profile_steps >= 0")
     curriculum = Curriculum.from_config(cfg)
     uneven = [
         f"train.{key}={cfg.train[key]}"
