@@ -170,7 +170,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     trainer = Trainer(cfg, model_cfg, mesh)
     logging.info("mesh %s; compiling the train step", dict(mesh.shape))
-    compiled = trainer.compile(cfg.train.steps_per_call)
+    # AOT-compile the program most steps will run: the grouped one if any group runs at all.
+    per_call = cfg.train.steps_per_call
+    grouped = per_call > 1 and any(
+        steps_in_call(s, cfg, curriculum) > 1 for s in range(0, cfg.train.steps, per_call)
+    )
+    compiled = trainer.compile(per_call if grouped else 1)
     memory = compiled.memory_analysis()
     if memory is not None and primary:
         logging.info(
