@@ -19,7 +19,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, FileNotFoundError)
 
 
-def _quiet_logs() -> None:
+def quiet_logs() -> None:
+    """`HH:MM:SS LEVEL message` log lines, without the libraries' INFO chatter (also used by
+    the child process that builds data caches, whose lines the parent relays)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [a for a in rest if not a.startswith("--config.")]
         if bad:
             parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    _quiet_logs()
+    quiet_logs()
     try:
         return args.func(args, rest)
     except _user_errors() as e:

@@ -347,9 +347,9 @@ def _training_caches(cfg, vocab, process_index: int, process_count: int) -> list
 
 def _build_caches_main() -> None:
     """Child-process entry of `build_caches_apart`: {cfg, workdir, index, count} on stdin."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
+    from lm.cli import quiet_logs
+
+    quiet_logs()
     job = json.load(sys.stdin)
     cfg = ml_collections.ConfigDict(job["cfg"])
     try:
@@ -402,7 +402,7 @@ def build_caches_apart(
     for line in child.stderr.splitlines():
         if line.startswith(_CHILD_ERROR):
             raise DataError(line[len(_CHILD_ERROR) :])
-        parts = line.split(" ", 2)  # the child's "HH:MM:SS LEVEL message" log lines
+        parts = line.split(" ", 2)  # the child's log lines (lm.cli.quiet_logs format)
         if len(parts) == 3 and parts[1] in ("INFO", "WARNING", "ERROR"):
             logging.log(logging.getLevelName(parts[1]), parts[2])
     if child.returncode:
