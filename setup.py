@@ -33,10 +33,20 @@ setup(
         "fastwarc==2.0.1",
         "array-record>=0.7,<0.9",
         "pyarrow>=14",
+        # gs:// for the storage layer (etils.epath's fsspec backend); brings google-crc32c,
+        # which the TF-free TensorBoard writer uses.
+        "gcsfs>=2024.6",
     ],
     extras_require={
         # ipython: the notebooks display with IPython.display (Colab has it; the notebook test too).
-        "dev": ["pytest>=8,<10", "ruff==0.17.6", "ipython>=8,<10"],
+        "dev": [
+            "pytest>=8,<10",
+            "ruff==0.17.6",
+            "ipython>=8,<10",
+            # A pure-Python GCS emulator on 127.0.0.1 for the gs:// tests; psutil for peak RSS.
+            "gcp-storage-emulator>=2024.8",
+            "psutil>=5.9",
+        ],
     },
     entry_points={"console_scripts": ["lm=lm.cli:main"]},
 )

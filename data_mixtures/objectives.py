@@ -23,7 +23,7 @@ import seqio
 import tensorflow as tf
 
 from data_mixtures.text import split_to_pieces
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID
 
 OBJECTIVES = ("lm", "mlm", "span_corruption")

@@ -17,7 +17,8 @@ import ml_collections
 import seqio
 import tensorflow as tf
 
-from lm.data.sources import DOC_KEYS, DataError, content_stamp, iter_documents
+from lm.data.sources import DOC_KEYS, content_stamp, iter_documents
+from lm.errors import DataError
 
 
 def docs_fingerprint(data_cfg: ml_collections.ConfigDict) -> dict:

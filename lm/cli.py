@@ -13,10 +13,9 @@ import sys
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from lm.config import ConfigError
-    from lm.data.sources import DataError
+    from lm.errors import LMError
 
-    return (ConfigError, DataError, FileNotFoundError)
+    return (LMError, FileNotFoundError)
 
 
 def quiet_logs() -> None:

@@ -19,10 +19,7 @@ import ml_collections
 
 import experiments
 from lm.data.sources import COMPONENT_KEYS, DOC_KEYS
-
-
-class ConfigError(ValueError):
-    """A user mistake in an experiment name or an override; the message says what to fix."""
+from lm.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from lm.config import ConfigError
 from lm.curate.cli import main
 from lm.curate.config import default_config, list_pipelines, load_pipeline
 from lm.curate.output import read_documents, read_rejects
 from lm.curate.sources import expand_inputs, read_jsonl, read_parquet, read_warc
 from lm.curate.synthetic import prose
+from lm.errors import ConfigError
 
 SRC = default_config().source.to_dict()
 

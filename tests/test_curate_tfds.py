@@ -4,12 +4,12 @@ import random
 
 import pytest
 
-from lm.config import ConfigError
 from lm.curate.cli import main, run_curation
 from lm.curate.config import default_config
 from lm.curate.output import read_documents, read_manifest, read_rejects
 from lm.curate.sources import expand_inputs
 from lm.curate.synthetic import prose
+from lm.errors import ConfigError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

@@ -17,7 +17,7 @@ from lm.data.curriculum import (  # noqa: E402
     order_pieces_by_difficulty,
     shorten_rows,
 )
-from lm.data.sources import DataError  # noqa: E402
+from lm.errors import DataError  # noqa: E402
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer  # noqa: E402
 
 SEQ, BATCH = 64, 8

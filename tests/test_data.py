@@ -11,7 +11,8 @@ import seqio  # noqa: E402
 
 from lm.config import default_config  # noqa: E402
 from lm.data import pipeline, sources  # noqa: E402
-from lm.data.sources import DataError, chunk_text, iter_documents  # noqa: E402
+from lm.data.sources import chunk_text, iter_documents  # noqa: E402
+from lm.errors import DataError  # noqa: E402
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer  # noqa: E402
 
 SEQ, BATCH = 32, 4

@@ -9,7 +9,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from lm.config import ConfigError, get_config  # noqa: E402
+from lm.config import get_config  # noqa: E402
+from lm.errors import ConfigError  # noqa: E402
 
 OVERRIDES = [
     "--config.data.source=stdlib",

@@ -11,7 +11,8 @@ import os
 import ml_collections
 import pytest
 
-from lm.training import metrics as M
+from lm.training import evaluate, flops, peaks, writers
+from lm.training.progress import ProgressLine
 
 
 def _model(**kw) -> ml_collections.ConfigDict:
@@ -40,32 +41,34 @@ def test_flops_hand_computation_gqa():
     # MLP 2*8*16=256 -> 448; 2 layers -> 896; LM head 8*10=80 -> N = 976.
     n = 976
     attention = 12 * 2 * 2 * 4 * 6  # 12 L H Q T
-    assert M.matmul_param_count(cfg) == n
-    assert M.model_flops_per_token(cfg, seq_len=6) == 6 * n + attention == 7008
+    assert flops.matmul_param_count(cfg) == n
+    assert flops.model_flops_per_token(cfg, seq_len=6) == 6 * n + attention == 7008
 
 
 def test_gqa_reduces_projection_flops_only():
     mha = _model(num_kv_heads=0)  # 0 means num_heads
     gqa = _model(num_kv_heads=1)
     # MHA k+v: 2*8*8 = 128 per layer, GQA: 64 per layer -> 2 layers * 64 fewer weights.
-    assert M.matmul_param_count(mha) - M.matmul_param_count(gqa) == 2 * 64
-    diff = M.model_flops_per_token(mha, 6) - M.model_flops_per_token(gqa, 6)
+    assert flops.matmul_param_count(mha) - flops.matmul_param_count(gqa) == 2 * 64
+    diff = flops.model_flops_per_token(mha, 6) - flops.model_flops_per_token(gqa, 6)
     assert diff == 6 * 2 * 64  # attention-score term is unchanged (query heads).
 
 
 def test_swiglu_has_three_mlp_matrices():
     gelu, swiglu = _model(mlp="gelu"), _model(mlp="swiglu")
-    assert M.matmul_param_count(swiglu) - M.matmul_param_count(gelu) == 2 * 8 * 16
-    assert M.model_flops_per_token(swiglu, 6) - M.model_flops_per_token(gelu, 6) == 6 * 2 * 128
+    assert flops.matmul_param_count(swiglu) - flops.matmul_param_count(gelu) == 2 * 8 * 16
+    assert (
+        flops.model_flops_per_token(swiglu, 6) - flops.model_flops_per_token(gelu, 6) == 6 * 2 * 128
+    )
     with pytest.raises(ValueError):
-        M.matmul_param_count(_model(mlp="relu"))
+        flops.matmul_param_count(_model(mlp="relu"))
 
 
 def test_explicit_head_dim_and_seq_len_term():
     cfg = _model(head_dim=16)
     # q 8*32, k+v 2*8*32, out 32*8 -> 1024 per layer; MLP 256; 2*(1280) + 80 = 2640.
-    assert M.matmul_param_count(cfg) == 2640
-    f1, f2 = M.model_flops_per_token(cfg, 6), M.model_flops_per_token(cfg, 12)
+    assert flops.matmul_param_count(cfg) == 2640
+    f1, f2 = flops.model_flops_per_token(cfg, 6), flops.model_flops_per_token(cfg, 12)
     assert f2 - f1 == 12 * 2 * 2 * 16 * 6
 
 
@@ -76,7 +79,7 @@ def test_param_count_by_hand():
     mlp = 256 + 16 + 8
     norms = 2 * (2 * 8)  # two layernorms with scale + bias
     final = 2 * 8
-    assert M.param_count(cfg) == emb + 2 * (attn + mlp + norms) + final
+    assert flops.param_count(cfg) == emb + 2 * (attn + mlp + norms) + final
 
     rope_rms = _model(
         position="rope", norm="rmsnorm", use_bias=False, tie_embeddings=False, mlp="swiglu"
@@ -84,9 +87,9 @@ def test_param_count_by_hand():
     attn = 4 * 64
     mlp = 3 * 128
     expected = 80 + 2 * (attn + mlp + 2 * 8) + 8 + 80
-    assert M.param_count(rope_rms) == expected
+    assert flops.param_count(rope_rms) == expected
     # An untied head adds [d, vocab] and no bias, even with use_bias.
-    assert M.param_count(_model(tie_embeddings=False)) - M.param_count(_model()) == 80
+    assert flops.param_count(_model(tie_embeddings=False)) - flops.param_count(_model()) == 80
 
 
 @pytest.mark.parametrize(
@@ -111,39 +114,38 @@ def test_peak_flops_lookup(kind, expected):
     class Dev:
         device_kind = kind
 
-    assert M.peak_flops_per_device(Dev()) == expected
-    assert M.peak_flops_per_device(kind) == expected
+    assert peaks.peak_flops_per_device(Dev()) == expected
+    assert peaks.peak_flops_per_device(kind) == expected
 
 
 def test_peak_for_real_cpu_device_is_none():
     import jax
 
-    assert M.peak_flops_per_device(jax.devices("cpu")[0]) is None
+    assert peaks.peak_flops_per_device(jax.devices("cpu")[0]) is None
 
 
 def test_mfu():
-    assert M.mfu(1000.0, 1e9, 4, 1e12) == pytest.approx(1000 * 1e9 / 4e12)
-    assert M.mfu(1000.0, 1e9, 4, None) is None
+    assert peaks.mfu(1000.0, 1e9, 4, 1e12) == pytest.approx(1000 * 1e9 / 4e12)
+    assert peaks.mfu(1000.0, 1e9, 4, None) is None
 
 
 def test_bits_per_byte_and_perplexity():
-    assert M.bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
-    assert M.bits_per_byte(2.0, 4.0) == pytest.approx(2.0 / math.log(2) / 4.0)
+    assert evaluate.bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
+    assert evaluate.bits_per_byte(2.0, 4.0) == pytest.approx(2.0 / math.log(2) / 4.0)
     with pytest.raises(ValueError):
-        M.bits_per_byte(1.0, 0.0)
-    assert M.perplexity(math.log(7.0)) == pytest.approx(7.0)
-    assert M.perplexity(1e6) == math.inf
+        evaluate.bits_per_byte(1.0, 0.0)
+    assert evaluate.perplexity(math.log(7.0)) == pytest.approx(7.0)
+    assert evaluate.perplexity(1e6) == math.inf
 
 
 def test_writer_jsonl_and_tensorboard(tmp_path):
     workdir = str(tmp_path / "run")
-    out = io.StringIO()
-    w = M.MetricsWriter(workdir, total_steps=10, stream=out)
+    w = writers.MetricsWriter(workdir)
     w.write(1, {"loss": 3.5, "lr": 1e-3})
     w.write(2, {"loss": 3.0, "lr": 2e-3, "bad": float("nan")})
     w.write(2, {"loss": 3.2}, split="eval")
     # flushed per write: readable before close.
-    recs = M.read_metrics(workdir)
+    recs = writers.read_metrics(workdir)
     assert [(r["step"], r["split"], r["loss"]) for r in recs] == [
         (1, "train", 3.5),
         (2, "train", 3.0),
@@ -161,14 +163,13 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
 
     acc = EventAccumulator(os.path.join(workdir, "tb", "train"))
     acc.Reload()
-    assert "loss" in acc.Tags()["tensors"]
-    steps = [e.step for e in acc.Tensors("loss")]
-    assert steps == [1, 2]
+    assert "loss" in acc.Tags()["scalars"]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 3.5), (2, 3.0)]
 
 
 def test_writer_appends_and_truncates_on_resume(tmp_path):
     workdir = str(tmp_path)
-    w = M.MetricsWriter(workdir, tensorboard=False)
+    w = writers.MetricsWriter(workdir, tensorboard=False)
     for s in range(1, 6):
         w.write(s, {"loss": 10.0 - s})
     w.write(4, {"loss": 1.0}, split="eval")
@@ -176,27 +177,27 @@ def test_writer_appends_and_truncates_on_resume(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "spl')  # torn line from a crash
 
-    resumed = M.MetricsWriter(workdir, tensorboard=False)
+    resumed = writers.MetricsWriter(workdir, tensorboard=False)
     dropped = resumed.truncate_after(4)
     assert dropped == 4  # train 4, train 5, eval 4, the torn line
-    assert [r["step"] for r in M.read_metrics(workdir)] == [1, 2, 3]
+    assert [r["step"] for r in writers.read_metrics(workdir)] == [1, 2, 3]
     for s in range(4, 7):
         resumed.write(s, {"loss": 0.5})
     resumed.close()
-    steps = [r["step"] for r in M.read_metrics(workdir)]
+    steps = [r["step"] for r in writers.read_metrics(workdir)]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert len(steps) == len(set(steps))
 
 
 def test_non_primary_writes_nothing(tmp_path):
     out = io.StringIO()
-    w = M.MetricsWriter(str(tmp_path / "x"), is_primary=False, stream=out)
+    w = writers.MetricsWriter(str(tmp_path / "x"), is_primary=False)
     w.write(1, {"loss": 1.0})
-    w.progress(1, {"loss": 1.0})
+    ProgressLine(is_primary=False, stream=out).show(1, {"loss": 1.0})
     w.close()
     assert not os.path.exists(tmp_path / "x")
     assert out.getvalue() == ""
-    assert M.read_metrics(str(tmp_path / "x")) == []
+    assert writers.read_metrics(str(tmp_path / "x")) == []
 
 
 class _Tty(io.StringIO):
@@ -206,7 +207,7 @@ class _Tty(io.StringIO):
 
 def test_progress_line_plain_and_tty(tmp_path):
     out = io.StringIO()
-    w = M.MetricsWriter(str(tmp_path), total_steps=100, stream=out, tensorboard=False)
+    w = ProgressLine(total_steps=100, stream=out)
     m = {
         "loss": 2.5,
         "lr": 3e-4,
@@ -215,7 +216,7 @@ def test_progress_line_plain_and_tty(tmp_path):
         "step_ms": 50.0,
         "mfu": 0.423,
     }
-    w.progress(10, m)
+    w.show(10, m)
     line = out.getvalue()
     assert line.endswith("\n") and "\r" not in line
     for piece in ["10/100", "2.5000", "3.00e-04", "0.750", "12,346", "50.0ms", "42.3%", "ETA"]:
@@ -223,9 +224,9 @@ def test_progress_line_plain_and_tty(tmp_path):
     assert "ETA 0m04s" in line  # first call: 90 steps * 50 ms from step_ms
 
     tty = _Tty()
-    w2 = M.MetricsWriter(str(tmp_path), total_steps=None, stream=tty, tensorboard=False)
-    w2.progress(3, {"loss": 1.0})
-    w2.progress(4, {"loss": 0.9})
+    w2 = ProgressLine(total_steps=None, stream=tty)
+    w2.show(3, {"loss": 1.0})
+    w2.show(4, {"loss": 0.9})
     text = tty.getvalue()
     assert text.count("\r") == 2 and "\n" not in text
     assert "MFU n/a" in text and "ETA n/a" in text and "tok/s n/a" in text

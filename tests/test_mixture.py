@@ -10,9 +10,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import seqio  # noqa: E402
 
-from lm.config import ConfigError, default_config, mixture_component  # noqa: E402
+from lm.config import default_config, mixture_component  # noqa: E402
 from lm.data import mixture, pipeline  # noqa: E402
-from lm.data.sources import DataError, iter_documents  # noqa: E402
+from lm.data.sources import iter_documents  # noqa: E402
+from lm.errors import (
+    ConfigError,  # noqa: E402
+    DataError,  # noqa: E402
+)
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer  # noqa: E402
 
 SEQ, BATCH = 32, 8

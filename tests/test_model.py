@@ -8,7 +8,7 @@ from flax import nnx
 
 from lm.config import get_config
 from lm.models.transformer import ModelConfig, Transformer, param_count
-from lm.training import metrics
+from lm.training import flops
 
 LLAMA = [
     "--config.model.position=rope",
@@ -40,7 +40,7 @@ def test_forward_shape_and_param_count_formula(overrides):
     assert logits.shape == (2, 12, 97) and logits.dtype == jnp.float32 and cache is None
     resolved = cfg.model
     resolved.vocab_size = 97
-    assert param_count(nnx.state(model, nnx.Param)) == metrics.param_count(resolved)
+    assert param_count(nnx.state(model, nnx.Param)) == flops.param_count(resolved)
 
 
 def test_gqa_shares_kv_heads():

@@ -18,10 +18,11 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import ConfigError, apply_overrides
+from lm.config import apply_overrides
 from lm.curate import output
 from lm.curate.config import config_hash, list_pipelines, load_pipeline, validate
 from lm.curate.sources import expand_inputs
+from lm.errors import ConfigError
 
 
 def _runner_args(beam_args: list[str]) -> list[str]:

@@ -14,7 +14,8 @@ import os
 
 import ml_collections
 
-from lm.config import ConfigError, list_configs, load_config
+from lm.config import list_configs, load_config
+from lm.errors import ConfigError
 
 _CODE_DATA_EXTENSIONS = "json,yaml,yml,toml,xml,csv,tsv,ini,cfg,lock,svg,ipynb"
 

@@ -17,8 +17,8 @@ import sysconfig
 from collections.abc import Iterator
 from typing import Any
 
-from lm.config import ConfigError
 from lm.curate.code_filters import PROSE_EXTENSIONS, code_language
+from lm.errors import ConfigError
 
 _CONTAINER_EXTENSIONS = {
     "jsonl": (".jsonl", ".jsonl.gz", ".json"),

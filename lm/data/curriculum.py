@@ -22,7 +22,7 @@ import math
 import ml_collections
 import numpy as np
 
-from lm.data.sources import DataError
+from lm.errors import DataError
 
 DIFFICULTIES = ("none", "length", "rarity")
 

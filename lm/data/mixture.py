@@ -28,7 +28,8 @@ import seqio
 
 from data_mixtures import load_registrations
 from data_mixtures.text import register_text_task
-from lm.data.sources import COMPONENT_KEYS, DataError
+from lm.data.sources import COMPONENT_KEYS
+from lm.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,8 @@ import seqio
 
 from lm.data import curriculum, mixture
 from lm.data.iterator import FEATURES, PackedBatchIterator, batch_features
-from lm.data.sources import DataError, iter_documents, tf_cpu_only
+from lm.data.sources import iter_documents, tf_cpu_only
+from lm.errors import DataError
 from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID, load_vocabulary
 
 _CACHE_VERSION = 2

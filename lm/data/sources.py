@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import ml_collections
 
+from lm.errors import DataError
+
 SPLITS = ("train", "validation")
 # Data-config keys that change which documents a Task yields.
 DOC_KEYS = (
@@ -49,10 +51,6 @@ COMPONENT_KEYS = (*DOC_KEYS, "task")
 TEXT_CHUNK_BYTES = 4096
 # Directories of the stdlib that hold no useful text (or binary test fixtures).
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "data"}
-
-
-class DataError(ValueError):
-    """A user mistake in the data config or the data itself; the message says what to fix."""
 
 
 @dataclass(frozen=True)

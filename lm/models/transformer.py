@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lm.config import ConfigError
+from lm.errors import ConfigError
 from lm.models.layers.attention import Attention, LayerCache
 from lm.models.layers.linear import Dense, Embed
 from lm.models.layers.mlp import MLP

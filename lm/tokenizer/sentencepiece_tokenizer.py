@@ -17,7 +17,8 @@ import ml_collections
 import sentencepiece as spm
 import seqio
 
-from lm.data.sources import DataError, iter_documents, tf_cpu_only
+from lm.data.sources import iter_documents, tf_cpu_only
+from lm.errors import DataError
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 MODEL_NAME = "spm.model"

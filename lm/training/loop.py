@@ -22,7 +22,6 @@ import numpy as np
 
 from data_mixtures.objectives import validate_objective
 from lm import sharding
-from lm.config import ConfigError
 from lm.data.curriculum import Curriculum
 from lm.data.pipeline import (
     build_caches_apart,
@@ -30,12 +29,17 @@ from lm.data.pipeline import (
     make_train_iterator,
     validation_bytes_per_token,
 )
+from lm.errors import ConfigError
 from lm.models.transformer import ModelConfig
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer
-from lm.training import metrics as metrics_lib
 from lm.training.checkpoint import Checkpointer
+from lm.training.evaluate import evaluate
+from lm.training.flops import model_flops_per_token
+from lm.training.peaks import mfu, peak_flops_per_device
+from lm.training.progress import ProgressLine
 from lm.training.report import write_report
 from lm.training.train_step import Trainer
+from lm.training.writers import MetricsWriter
 
 
 class Preempted(Exception):
@@ -77,24 +81,6 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of an `lm train` run?")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
-
-
-def evaluate(trainer: Trainer, params, batches: list[dict], bytes_per_token: float | None) -> dict:
-    """Validation loss (nats/token), perplexity and bits per byte over fixed batches.
-
-    The masked objectives predict corrupted positions, not the text's next token, so they have
-    no bits per byte (bytes_per_token None); their perplexity is over the predicted positions.
-    """
-    loss_sum = weight_sum = 0.0
-    for batch in batches:
-        out = jax.device_get(trainer.eval_step(params, trainer.device_batch(batch)))
-        loss_sum += float(out["loss_sum"])
-        weight_sum += float(out["weight_sum"])
-    loss = loss_sum / max(weight_sum, 1.0)
-    out = {"loss": loss, "perplexity": metrics_lib.perplexity(loss), "tokens": weight_sum}
-    if bytes_per_token is not None:
-        out["bits_per_byte"] = metrics_lib.bits_per_byte(loss, bytes_per_token)
-    return out
 
 
 def steps_in_call(step: int, cfg: ml_collections.ConfigDict, curriculum: Curriculum) -> int:
@@ -199,7 +185,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
         state, start = trainer.init_state(), 0
 
-    writer = metrics_lib.MetricsWriter(workdir, is_primary=primary, total_steps=cfg.train.steps)
+    writer = MetricsWriter(workdir, is_primary=primary)
+    progress = ProgressLine(total_steps=cfg.train.steps, is_primary=primary)
     writer.truncate_after(start + 1)  # keep what was logged up to the checkpoint
     eval_batches = make_eval_batches(
         cfg, vocab, workdir, cfg.train.eval_batches, jax.process_index(), jax.process_count()
@@ -218,10 +205,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for name in (data_iter.names if len(data_iter.names) > 1 else ())
     }
     bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir) if objective == "lm" else None
-    flops_per_token = metrics_lib.model_flops_per_token(
-        _resolved_model_cfg(cfg, model_cfg), cfg.data.seq_len
-    )
-    peak = metrics_lib.peak_flops_per_device(jax.devices()[0])
+    flops_per_token = model_flops_per_token(_resolved_model_cfg(cfg, model_cfg), cfg.data.seq_len)
+    peak = peak_flops_per_device(jax.devices()[0])
 
     stop_signal: list[int] = []
 
@@ -270,7 +255,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     values.update(
                         {f"mix/{n}": t / sum(taken) for n, t in zip(data_iter.names, taken)}
                     )
-                util = metrics_lib.mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)
+                util = mfu(tokens_per_s, flops_per_token, jax.device_count(), peak)
                 if util is not None:
                     values["mfu"] = util
                 if values["skipped"]:
@@ -284,7 +269,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         values["grad_norm"],
                     )
                 writer.write(done, values)
-                writer.progress(done, values)
+                progress.show(done, values)
                 t_last, step_last = time.perf_counter(), done
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 val = evaluate(trainer, state.params, eval_batches, bytes_per_token)
@@ -307,6 +292,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             signal.signal(s, handler)
         ckpt.close()
         writer.close()
+        progress.close()
 
     summary.update(
         steps=cfg.train.steps,

@@ -10,20 +10,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import statistics
 from collections.abc import Mapping
 from typing import Any
 
-from lm.training.metrics import (
-    _is_remote,
-    _join,
-    _tf,
-    _write_text,
-    bits_per_byte,
-    perplexity,
-    read_metrics,
-)
+from lm import storage
+from lm.training.evaluate import bits_per_byte, perplexity
+from lm.training.writers import read_metrics
 
 REPORT_FILE = "report.md"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -199,8 +192,7 @@ def write_report(
     `config` is the run's ConfigDict (or a plain dict); `samples` are (prompt, completion) pairs;
     `extra` adds rows (e.g. parameter count, device kind) to the summary table.
     """
-    if not _is_remote(workdir):
-        os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     records = read_metrics(workdir)
     summary = summarize(records)
     cfg = _config_dict(config)
@@ -235,13 +227,7 @@ def write_report(
     png = plot_loss_curve(records)
     lines += ["## Loss curve", ""]
     if png is not None:
-        png_path = _join(workdir, LOSS_CURVE_FILE)
-        if _is_remote(png_path):
-            with _tf().io.gfile.GFile(png_path, "wb") as f:
-                f.write(png)
-        else:
-            with open(png_path, "wb") as f:
-                f.write(png)
+        storage.write_bytes(storage.join(workdir, LOSS_CURVE_FILE), png)
         lines += [f"![loss curve]({LOSS_CURVE_FILE})", ""]
     else:
         lines += ["_No loss metrics were logged._", ""]
@@ -261,8 +247,8 @@ def write_report(
         cfg_lines = [json.dumps(cfg, default=str)]
     lines += ["## Config", "", "```yaml", *cfg_lines, "```", ""]
 
-    path = _join(workdir, REPORT_FILE)
-    _write_text(path, "\n".join(lines))
+    path = storage.join(workdir, REPORT_FILE)
+    storage.write_text(path, "\n".join(lines))
     return path
 
 

@@ -1,0 +1,174 @@
+"""One storage layer for local paths and `gs://` buckets: every read and write of a workdir, a
+tokenizer, a data cache or packed data goes through these functions.
+
+Built on `etils.epath`, the path library orbax-checkpoint already uses, so checkpoints and
+everything else resolve a `gs://` path the same way. epath is pinned to its fsspec backend
+(gcsfs) rather than `tf.io.gfile`: the trainer process never imports TensorFlow, and gcsfs
+honours `STORAGE_EMULATOR_HOST`, so the tests run the same code against a GCS emulator on
+127.0.0.1. Object stores have no rename or append: `write_*` puts a whole object (atomic on GCS;
+a temporary file and `os.replace` locally), and `rename` of a directory is copy-then-delete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+# Before the first epath import anywhere: gs:// through fsspec/gcsfs, never tf.io.gfile.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
+from etils import epath  # noqa: E402
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for `scheme://...` paths (gs://, s3://, ...)."""
+    return "://" in os.fspath(path)
+
+
+def path(p: PathLike) -> epath.Path:
+    """An `epath.Path` (pathlib-like; works for local and gs:// alike)."""
+    return epath.Path(p)
+
+
+def join(base: PathLike, *parts: str) -> str:
+    """`base/part/...` as a string; keeps the `gs://` prefix intact."""
+    return os.fspath(path(base).joinpath(*parts))
+
+
+def absolute(p: PathLike) -> str:
+    """An absolute local path, or the remote path unchanged."""
+    return os.fspath(p) if is_remote(p) else os.path.abspath(p)
+
+
+def exists(p: PathLike) -> bool:
+    return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+    return path(p).is_dir()
+
+
+def makedirs(p: PathLike) -> None:
+    path(p).mkdir(parents=True, exist_ok=True)
+
+
+def listdir(p: PathLike) -> list[str]:
+    """Names of the entries directly under `p` (sorted; [] if it does not exist)."""
+    d = path(p)
+    if not d.exists():
+        return []
+    return sorted(child.name for child in d.iterdir())
+
+
+def read_bytes(p: PathLike) -> bytes:
+    return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+    return path(p).read_text(encoding="utf-8")
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+    """Writes the whole file at once: readers never see a partial file."""
+    if is_remote(p):
+        path(p).parent.mkdir(parents=True, exist_ok=True)
+        path(p).write_bytes(data)
+        return
+    directory = os.path.dirname(os.path.abspath(p))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(p: PathLike, text: str) -> None:
+    write_bytes(p, text.encode("utf-8"))
+
+
+def remove(p: PathLike) -> None:
+    """Deletes a file or a whole directory tree; no error if it is missing."""
+    target = path(p)
+    if not target.exists():
+        return
+    if target.is_dir():
+        target.rmtree()
+    else:
+        target.unlink()
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> None:
+    """Copies the directory `src` to `dst` (any mix of local and remote)."""
+    if not is_remote(src) and not is_remote(dst):
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return
+    for child in walk_files(src):
+        rel = os.path.relpath(child, os.fspath(src)) if not is_remote(src) else None
+        rel = rel or os.fspath(child)[len(os.fspath(src).rstrip("/")) + 1 :]
+        path(join(dst, rel)).parent.mkdir(parents=True, exist_ok=True)
+        path(child).copy(path(join(dst, rel)), overwrite=True)
+
+
+def walk_files(root: PathLike) -> Iterator[str]:
+    """Every file under `root`, recursively, as full paths (sorted per directory)."""
+    d = path(root)
+    if not d.exists():
+        return
+    for child in sorted(d.iterdir(), key=lambda c: c.name):
+        if child.is_dir():
+            yield from walk_files(child)
+        else:
+            yield os.fspath(child)
+
+
+def publish_dir(tmp: PathLike, final: PathLike) -> bool:
+    """Moves a finished directory `tmp` to `final`; False if `final` already existed (another
+    process finished first: its copy is kept and `tmp` is deleted). Local moves are one atomic
+    rename; remote ones copy then delete, so readers must look for a marker file written last."""
+    if exists(final):
+        remove(tmp)
+        return False
+    if not is_remote(tmp) and not is_remote(final):
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        return True
+    copy_tree(tmp, final)
+    remove(tmp)
+    return True
+
+
+def local_copy(p: PathLike, cache_root: PathLike | None = None) -> str:
+    """A local path holding the file or directory `p`: `p` itself when local, else a copy
+    downloaded once under `cache_root` (default: the system temp dir). For readers that only
+    open local files (SentencePiece, ArrayRecord)."""
+    if not is_remote(p):
+        return os.fspath(p)
+    root = os.fspath(cache_root or os.path.join(tempfile.gettempdir(), "lm-remote-cache"))
+    local = os.path.join(root, os.fspath(p).replace("://", "/", 1))
+    if os.path.exists(local):
+        return local
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(local))
+    target = os.path.join(staging, "x")
+    if isdir(p):
+        copy_tree(p, target)
+    else:
+        path(p).copy(path(target))
+    try:
+        os.rename(target, local)
+    except OSError:
+        pass  # another process downloaded it first
+    shutil.rmtree(staging, ignore_errors=True)
+    return local
