@@ -23,20 +23,12 @@ import seqio
 import tensorflow as tf
 
 from data_mixtures.text import split_to_pieces
-from lm.errors import ConfigError
+from lm.data.objective_names import OBJECTIVES, validate_objective  # noqa: F401
 from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID
 
-OBJECTIVES = ("lm", "mlm", "span_corruption")
 # Ids below this are pad / eos / unk / bos: never drawn as MLM random replacements.
 FIRST_NORMAL_ID = 4
 _ABSENT = -1  # Placeholder for "no token here" before a boolean_mask compacts a sequence.
-
-
-def validate_objective(objective: str) -> str:
-    """`objective` if it is one of OBJECTIVES, else a ConfigError naming the config key."""
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"--config.data.objective must be one of {OBJECTIVES}, not {objective!r}")
-    return objective
 
 
 def _example_seeds(seed: int, index: tf.Tensor, count: int) -> tf.Tensor:

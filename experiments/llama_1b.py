@@ -1,4 +1,4 @@
-"""Llama-3.2-1B shape: RoPE, RMSNorm, SwiGLU, grouped-query attention (32 q / 8 kv heads)."""
+"""Llama-3.2-1B: RoPE, RMSNorm, SwiGLU, GQA (32 q / 8 kv heads), tied embeddings; 1.24B params."""
 
 from lm.config import default_config
 
@@ -21,7 +21,7 @@ def get_config():
         norm_eps=1e-5,
         mlp="swiglu",
         use_bias=False,
-        tie_embeddings=False,
+        tie_embeddings=True,
         remat="full",
         scan_layers=True,
     )

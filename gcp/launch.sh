@@ -5,7 +5,9 @@
 #       lm train --experiment=gpt2_124m --workdir=gs://my-bucket/runs/gpt2 --config.optim.lr=6e-4
 #
 # Multi-host TPU slices need every host to run the same program and call
-# jax.distributed.initialize(); the trainer does that when LM_MULTIHOST=1, which this script sets.
+# jax.distributed.initialize() before touching the backend; `lm train` and `lm sample` do that
+# (lm/distributed.py) when LM_MULTIHOST=1, which this script sets. Every host then trains,
+# evaluates and samples (the parameters are sharded across hosts); host 0 writes the report.
 # Use a gs:// workdir: each worker has its own disk, and only the primary host writes metrics.
 #
 # Steps (each one a printed command with --dry-run):

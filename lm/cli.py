@@ -35,17 +35,36 @@ def _experiment_parser(sub, name: str, help_text: str) -> argparse.ArgumentParse
     return p
 
 
-def cmd_experiments(_args, _overrides) -> int:
+def cmd_experiments(args, _overrides) -> int:
     from lm.config import list_experiments
 
     names = list_experiments()
     width = max(map(len, names))
     for name, description in names.items():
+        if getattr(args, "params", False):
+            description = f"{_param_summary(name)}  {description}"
         print(f"{name:<{width}}  {description}")
     return 0
 
 
+def _param_summary(name: str) -> str:
+    """ "124.48M params" (", 30.1M active" where routing makes them differ), from shapes only."""
+    from lm.config import get_config
+    from lm.errors import ConfigError
+    from lm.models.transformer import experiment_param_counts
+
+    try:
+        total, active = experiment_param_counts(get_config(name))
+    except ConfigError:
+        return f"{'? params':>15}"
+    text = f"{total / 1e6:>8.2f}M params"
+    return text if active == total else f"{text} ({active / 1e6:.2f}M active)"
+
+
 def cmd_train(args, overrides) -> int:
+    from lm import distributed
+
+    distributed.initialize()  # before anything starts the backend
     from lm.config import get_config
     from lm.training.loop import Preempted, train
 
@@ -54,6 +73,10 @@ def cmd_train(args, overrides) -> int:
         summary = train(cfg, args.workdir)
     except Preempted as e:
         return 128 + e.signum
+    import jax
+
+    if jax.process_index():
+        return 0  # every host trained, evaluated and sampled; one prints
     val = summary.get("validation", {})
     if val:
         bpb = f"  bits/byte {val['bits_per_byte']:.3f}" if "bits_per_byte" in val else ""
@@ -87,8 +110,13 @@ def cmd_tokenizer_train(args, overrides) -> int:
 
 
 def cmd_sample(args, _overrides) -> int:
+    from lm import distributed
+
+    distributed.initialize()  # before anything starts the backend
+    import jax
+
     from lm.inference.sample import generate_text
-    from lm.training.loop import restore_params
+    from lm.training.restore import restore_params
 
     graphdef, params, model_cfg, vocab, step = restore_params(args.workdir, args.step)
     texts = generate_text(
@@ -104,6 +132,8 @@ def cmd_sample(args, _overrides) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
     )
+    if jax.process_index():
+        return 0  # every host samples (the params are sharded); one prints
     print(f"(checkpoint {step})", file=sys.stderr)
     for text in texts:
         print(args.prompt + text)
@@ -118,6 +148,32 @@ def cmd_speedrun(args, _overrides) -> int:
     return speedrun(args.workdir)
 
 
+def cmd_pod(args, rest) -> int:
+    from lm.pod import run_pod
+
+    command = rest[1:] if rest[:1] == ["--"] else rest
+    return run_pod(command, args.processes, args.devices_per_process)
+
+
+def cmd_plan(args, overrides) -> int:
+    from lm.plan import plan
+
+    lines, _ = plan(
+        args.experiment,
+        args.chips,
+        args.tokens,
+        overrides,
+        mfu=args.mfu,
+        price=args.price_per_chip_hour,
+        pue=args.pue,
+        watts=args.watts_per_chip,
+        compile=not args.no_compile,
+        timeout=args.compile_timeout,
+    )
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_data(args, rest) -> int:
     from lm.curate.cli import main as data_main
 
@@ -129,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("experiments", help="list the named experiments")
+    p.add_argument("--params", action="store_true", help="also print each model's param count")
     p.set_defaults(func=cmd_experiments)
 
     p = _experiment_parser(sub, "train", "train (or resume) an experiment in a workdir")
@@ -158,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/speedrun")
     p.set_defaults(func=cmd_speedrun)
 
+    p = sub.add_parser(
+        "pod", help="run an lm command as N processes here (`lm pod --processes=2 -- train ...`)"
+    )
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--devices_per_process", type=int, default=4)
+    p.set_defaults(func=cmd_pod)
+
+    p = _experiment_parser(sub, "plan", "FLOPs, time, energy, cost and memory of a run")
+    p.add_argument("--chips", required=True, help="e.g. v5p-256 (v4/v5p count TensorCores)")
+    p.add_argument("--tokens", type=float, required=True)
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--price_per_chip_hour", type=float, default=None)
+    p.add_argument("--pue", type=float, default=1.1)
+    p.add_argument("--watts_per_chip", type=float, default=None)
+    p.add_argument("--no_compile", action="store_true", help="skip the XLA:CPU memory compile")
+    p.add_argument("--compile_timeout", type=float, default=180.0)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("data", help="data curation (`lm data run --pipeline=NAME --output=DIR`)")
     p.set_defaults(func=cmd_data)
     return parser
@@ -168,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if argv[:1] == ["data"]:
         args, rest = parser.parse_args(argv[:1]), argv[1:]
+    elif argv[:1] == ["pod"]:
+        cut = argv.index("--") if "--" in argv else len(argv)
+        args, rest = parser.parse_args(argv[:cut]), argv[cut + 1 :]
     else:
         args, rest = parser.parse_known_args(argv)
         bad = [a for a in rest if not a.startswith("--config.")]
@@ -181,5 +259,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _exit(code: int) -> None:
+    """Exits; a failing process of a pod exits at once, skipping jax's shutdown barrier (which
+    would wait for the other processes, themselves stuck at a collective with this one)."""
+    if code and "jax" in sys.modules and sys.modules["jax"].distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001 - printed, then the exit status says it failed
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    _exit(code)

@@ -51,8 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
             param_dtype="float32",
             remat="none",  # none | full | dots (save matmul outputs, recompute the rest)
             scan_layers=False,
-            attention="auto",  # auto (einsums on CPU, else jax's choice) | xla | cudnn
+            # auto (einsum on CPU, cudnn on GPU, splash on TPU) | xla | cudnn | splash | einsum
+            attention="auto",
             causal=True,  # False: bidirectional attention (BERT-style masked LM)
+            loss_chunk=0,  # >0: cross-entropy over chunks of this many positions (no full logits)
         )
     )
 
@@ -114,6 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
             clip_norm=1.0,
             grad_accum_steps=1,
             spike_factor=5.0,  # skip an update whose loss exceeds this x the running mean; 0: off
+            max_consecutive_skips=20,  # stop with an error after this many skips in a row
         )
     )
 

@@ -125,6 +125,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_rules() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding` block, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Pins activation `x` to the sharding its logical axes map to; a no-op outside a mesh."""
     active = _ACTIVE.get()

@@ -22,7 +22,8 @@ def speedrun(workdir: str) -> int:
         load_vocabulary,
         train_tokenizer,
     )
-    from lm.training.loop import restore_params, train
+    from lm.training.loop import train
+    from lm.training.restore import restore_params
 
     os.makedirs(workdir, exist_ok=True)
     timings: list[tuple[str, float]] = []

@@ -11,6 +11,7 @@ a temporary file and `os.replace` locally), and `rename` of a directory is copy-
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -24,6 +25,27 @@ from etils import epath  # noqa: E402
 PathLike = str | os.PathLike
 
 
+def _configure_gcs() -> None:
+    """Settings for every gs:// client, applied before the first remote access.
+
+    gcsfs keeps no directory listings: other processes (tensorstore, other hosts, the data-cache
+    child) write the same bucket, and a cached listing would hide their files. With
+    `STORAGE_EMULATOR_HOST` set (a local GCS emulator), the emulator is also used by tensorstore
+    (orbax checkpoints), requests are anonymous, and gcsfs's gRPC bucket-type probe, which
+    emulators do not answer (a 60 s stall per bucket), is off.
+    """
+    import fsspec
+
+    gcs = fsspec.config.conf.setdefault("gcs", {})
+    gcs.setdefault("use_listings_cache", False)
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if host not in ("", "default"):
+        url = host if "://" in host else f"http://{host}"
+        os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        gcs.setdefault("token", "anon")
+
+
 def is_remote(path: PathLike) -> bool:
     """True for `scheme://...` paths (gs://, s3://, ...)."""
     return "://" in os.fspath(path)
@@ -31,6 +53,8 @@ def is_remote(path: PathLike) -> bool:
 
 def path(p: PathLike) -> epath.Path:
     """An `epath.Path` (pathlib-like; works for local and gs:// alike)."""
+    if is_remote(p):
+        _configure_gcs()
     return epath.Path(p)
 
 
@@ -75,8 +99,7 @@ def read_text(p: PathLike) -> str:
 def write_bytes(p: PathLike, data: bytes) -> None:
     """Writes the whole file at once: readers never see a partial file."""
     if is_remote(p):
-        path(p).parent.mkdir(parents=True, exist_ok=True)
-        path(p).write_bytes(data)
+        path(p).write_bytes(data)  # one object upload; buckets have no directories to create
         return
     directory = os.path.dirname(os.path.abspath(p))
     os.makedirs(directory, exist_ok=True)
@@ -111,23 +134,34 @@ def copy_tree(src: PathLike, dst: PathLike) -> None:
     if not is_remote(src) and not is_remote(dst):
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return
-    for child in walk_files(src):
-        rel = os.path.relpath(child, os.fspath(src)) if not is_remote(src) else None
-        rel = rel or os.fspath(child)[len(os.fspath(src).rstrip("/")) + 1 :]
-        path(join(dst, rel)).parent.mkdir(parents=True, exist_ok=True)
-        path(child).copy(path(join(dst, rel)), overwrite=True)
+    for rel in relative_files(src):
+        target = path(join(dst, rel))
+        if not is_remote(dst):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        path(join(src, rel)).copy(target, overwrite=True)
+
+
+def relative_files(root: PathLike) -> list[str]:
+    """Every file under `root`, recursively, as sorted `/`-separated paths relative to it."""
+    d = path(root)
+    if not d.exists():
+        return []
+
+    def bare(x: PathLike) -> str:  # fsspec's walk yields remote paths without the scheme
+        return os.fspath(x).split("://", 1)[-1].rstrip("/")
+
+    out = []
+    for directory, _dirs, files in d.walk():
+        rel_dir = os.path.relpath(bare(directory), bare(d))
+        for name in files:
+            out.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+    return sorted(out)
 
 
 def walk_files(root: PathLike) -> Iterator[str]:
-    """Every file under `root`, recursively, as full paths (sorted per directory)."""
-    d = path(root)
-    if not d.exists():
-        return
-    for child in sorted(d.iterdir(), key=lambda c: c.name):
-        if child.is_dir():
-            yield from walk_files(child)
-        else:
-            yield os.fspath(child)
+    """Every file under `root`, recursively, as full paths (sorted)."""
+    for rel in relative_files(root):
+        yield join(root, rel)
 
 
 def publish_dir(tmp: PathLike, final: PathLike) -> bool:
@@ -149,23 +183,38 @@ def publish_dir(tmp: PathLike, final: PathLike) -> bool:
     return True
 
 
+def _fingerprint(p: PathLike) -> str:
+    """A hash of the remote file's or tree's object metadata (names, sizes, generations):
+    it changes whenever the object at `p` is replaced, so a stale download is never reused."""
+    import fsspec
+
+    fs, bare = fsspec.core.url_to_fs(os.fspath(p))
+    infos = fs.find(bare, detail=True) if fs.isdir(bare) else {bare: fs.info(bare)}
+    keys = ("name", "size", "generation", "md5Hash", "crc32c", "updated", "mtime")
+    text = repr(sorted((n, [str(i.get(k)) for k in keys]) for n, i in infos.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def local_copy(p: PathLike, cache_root: PathLike | None = None) -> str:
     """A local path holding the file or directory `p`: `p` itself when local, else a copy
-    downloaded once under `cache_root` (default: the system temp dir). For readers that only
-    open local files (SentencePiece, ArrayRecord)."""
+    downloaded once per version of the object under `cache_root` (default: the system temp
+    dir). For readers that only open local files (SentencePiece, ArrayRecord)."""
     if not is_remote(p):
         return os.fspath(p)
+    _configure_gcs()
     root = os.fspath(cache_root or os.path.join(tempfile.gettempdir(), "lm-remote-cache"))
-    local = os.path.join(root, os.fspath(p).replace("://", "/", 1))
+    remote = os.fspath(p).rstrip("/")
+    name = remote.rsplit("/", 1)[-1]
+    local = os.path.join(root, remote.replace("://", "/", 1), _fingerprint(remote), name)
     if os.path.exists(local):
         return local
     os.makedirs(os.path.dirname(local), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(local))
-    target = os.path.join(staging, "x")
-    if isdir(p):
-        copy_tree(p, target)
+    target = os.path.join(staging, name)
+    if isdir(remote):
+        copy_tree(remote, target)
     else:
-        path(p).copy(path(target))
+        path(remote).copy(path(target))
     try:
         os.rename(target, local)
     except OSError:

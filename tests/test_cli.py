@@ -51,3 +51,25 @@ def test_user_errors_are_one_line(argv, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_pod_runs_the_command_on_every_host_with_a_prefix():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "lm.cli", "pod", "--processes=2", "--devices_per_process=1"]
+    result = subprocess.run([*cmd, "--", "experiments"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for host in (0, 1):
+        assert any(ln.startswith(f"[host {host}] tiny ") for ln in result.stdout.splitlines())
+    # The first failing host's status is the pod's.
+    bad = [*cmd, "--", "train", "--experiment=tinny", "--workdir=/tmp/x"]
+    result = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "[host 1] error: " in result.stderr
+
+
+def test_pod_needs_a_command(capsys):
+    assert main(["pod", "--processes=0", "--", "experiments"]) == 2
+    assert "--processes" in capsys.readouterr().err

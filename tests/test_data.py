@@ -238,24 +238,28 @@ def test_zero_rows_is_a_data_error(corpus):
         pipeline.make_eval_batches(cfg, vocab, workdir, 1)
 
 
-def test_caches_are_built_in_a_child_process_and_its_errors_come_back(corpus, tmp_path, caplog):
+def test_packs_are_built_in_a_subprocess_and_its_errors_come_back(corpus, tmp_path):
+    from lm.data import packed
+
     cfg, vocab, _ = corpus
     cfg = dir_cfg(cfg.data.path)
     cfg.tokenizer.path = vocab.sentencepiece_model_file
     workdir = str(tmp_path / "work")
-    with caplog.at_level("INFO"):
-        pipeline.build_caches_apart(cfg, vocab, workdir)
-    assert "data: built" in caplog.text  # the child's log lines are relayed
-    built = sorted(os.listdir(os.path.join(workdir, "data_cache")))
-    assert [name.split("-")[0] for name in built] == ["train", "validation"]
-    for name in built:  # complete caches, which training then only memory-maps
-        assert os.path.exists(os.path.join(workdir, "data_cache", name, "meta.json"))
-    rows, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
-    assert isinstance(rows["targets"], np.memmap)
+    packed.ensure_packed(cfg, workdir)  # `lm data pack` in a child process
+    plan = packed.read_plan(cfg, workdir)
+    assert [c["name"] for c in plan["components"]] == ["main"]
+    rows, meta = pipeline.load_packed_rows(cfg, vocab, str(tmp_path / "direct"), "validation")
+    split = packed.PackedSplit(
+        os.path.join(packed.plan_dir(cfg, workdir), "00-validation"), pipeline.FEATURES
+    )
+    assert len(split) == meta["rows"]  # the whole split, as packed in this process
+    for i in (0, len(split) - 1):
+        for k in pipeline.FEATURES:
+            np.testing.assert_array_equal(split.row(i)[k], rows[k][i])
     empty = dir_cfg(cfg.data.path, validation_fraction=0.0)
     empty.tokenizer.path = vocab.sentencepiece_model_file
     with pytest.raises(DataError, match="zero validation rows"):
-        pipeline.build_caches_apart(empty, vocab, str(tmp_path / "empty"))
+        packed.ensure_packed(empty, str(tmp_path / "empty"))
 
 
 def test_registered_task_source(corpus):

@@ -153,3 +153,101 @@ def test_cpu_einsum_attention_matches_dot_product_attention():
         theirs = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
         for a, b in zip(ours, theirs):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_param_dtype_is_honoured_and_compute_runs_in_dtype():
+    for name, want in [("float32", jnp.float32), ("bfloat16", jnp.bfloat16)]:
+        for extra in ([], LLAMA):
+            _, _, model = make([*extra, f"--config.model.param_dtype={name}"])
+            leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+            assert leaves and all(x.dtype == want for x in leaves), name
+            tokens, positions, segments = inputs()
+            logits, _ = model(tokens, positions, segments)
+            assert logits.dtype == jnp.float32
+            assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize("overrides", [[], LLAMA])
+def test_chunked_loss_and_grads_equal_unchunked(overrides):
+    from lm.training.train_step import loss_sums
+
+    tokens, positions, segments = inputs(seq=12)
+    rng = np.random.default_rng(1)
+    batch = dict(
+        inputs=tokens,
+        positions=positions,
+        segment_ids=segments,
+        targets=jnp.asarray(rng.integers(0, 97, tokens.shape), jnp.int32),
+        weights=jnp.asarray(rng.random(tokens.shape) > 0.2, jnp.float32),
+    )
+    results = []
+    for chunk in (0, 5, 4):  # 5 pads the last chunk of the 12 positions
+        _, _, model = make([*overrides, f"--config.model.loss_chunk={chunk}"])
+        graphdef, params = nnx.split(model, nnx.Param)
+        fn = jax.value_and_grad(lambda p: loss_sums(graphdef, p, batch, None)[0])  # noqa: B023
+        results.append(jax.jit(fn)(params))
+    (ref, ref_grads), *others = results
+    for loss, grads in others:
+        np.testing.assert_allclose(loss, ref, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_backend_choice():
+    from lm.models.layers.attention import choose_attention
+
+    bf16, f32 = jnp.bfloat16, jnp.float32
+
+    def pick(config, backend, dtype=bf16, head_dim=64, seq_len=1024, **kw):
+        return choose_attention(
+            config, backend, dtype=dtype, head_dim=head_dim, seq_len=seq_len, **kw
+        )[0]
+
+    assert pick("auto", "cpu") == "einsum"
+    assert pick("auto", "gpu") == "cudnn"
+    assert pick("auto", "tpu") == "splash"
+    assert pick("auto", "gpu", dtype=f32) == "xla"  # cuDNN flash is bf16/fp16 only
+    assert pick("auto", "gpu", head_dim=256) == "xla"
+    assert pick("auto", "gpu", decoding=True) == "xla"
+    assert pick("auto", "gpu", prefix=True) == "cudnn"  # prefix goes in as a mask
+    assert pick("auto", "tpu", seq_len=1000) == "xla"
+    assert pick("auto", "tpu", prefix=True) == "xla"
+    assert pick("auto", "tpu", decoding=True) == "xla"
+    assert pick("cudnn", "cpu") == "xla" and pick("splash", "gpu") == "xla"
+    assert pick("xla", "tpu") == "xla" and pick("einsum", "gpu") == "einsum"
+    assert choose_attention("cudnn", "cpu", dtype=bf16, head_dim=64, seq_len=8)[1]
+    with pytest.raises(ValueError):
+        pick("flash", "gpu")
+    _, mc, _ = make()
+    with pytest.raises(Exception, match="model.attention"):
+        make(["--config.model.attention=flash"])
+    assert mc.attention == "auto"
+
+
+def test_splash_attention_matches_einsum_in_interpret_mode():
+    from lm.models.layers.attention import einsum_attention, segment_mask, splash_attention
+
+    rng = np.random.default_rng(0)
+    b, t, n, kv, h = 1, 256, 2, 1, 64
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, t, kv, h)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, t, kv, h)), jnp.float32)
+    seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], 64, axis=1), jnp.int32)  # packed + padding
+    for causal in (True, False):
+        want = einsum_attention(q, k, v, segment_mask(seg, causal))
+        got = splash_attention(q, k, v, seg, causal, interpret=True)
+        keep = np.asarray(seg > 0)[..., None, None]  # padding rows: any finite value will do
+        np.testing.assert_allclose(np.where(keep, got, 0), np.where(keep, want, 0), atol=2e-5)
+
+
+def test_experiment_param_counts_match_the_hand_formula():
+    from lm.models.transformer import experiment_param_counts
+
+    d, f, layers, ctx, vocab = 768, 3072, 12, 1024, 50304
+    block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
+    gpt2 = layers * block + vocab * d + ctx * d + 2 * d
+    assert gpt2 == 124_475_904
+    assert experiment_param_counts(get_config("gpt2_124m")) == (gpt2, gpt2)
+    # Llama-3.2-1B as published: 1,235,814,400 parameters (tied 128256 x 2048 embedding).
+    llama = 1_235_814_400
+    assert experiment_param_counts(get_config("llama_1b")) == (llama, llama)

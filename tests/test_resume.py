@@ -4,6 +4,7 @@ writes a profiler trace."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -152,3 +153,92 @@ def test_profile_steps_write_a_trace(tmp_path, corpus):
     traces = list((workdir / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert "profiler trace up to step 3" in result.stderr
+
+
+def test_sigterm_during_a_checkpoint_call_saves_once(tmp_path, corpus):
+    """A signal that arrives during a call ending on a checkpoint step: one save, exit 143."""
+    workdir = tmp_path / "term_ckpt"
+    run = command(workdir, corpus, "--config.train.checkpoint_every=1")
+    proc = subprocess.Popen(
+        run, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_step(workdir, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    assert err.count("saved checkpoint") == 1
+    last = int(re.search(r"saved checkpoint (\d+)", err).group(1))
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert steps[-1] == last
+    result = subprocess.run(run, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resumed from checkpoint {last}" in result.stderr
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path, corpus):
+    workdir = tmp_path / "mismatch"
+    short = ["--config.train.steps=4"]
+    subprocess.run(command(workdir, corpus, *short), check=True, env=ENV, capture_output=True)
+    before = sorted(os.listdir(workdir / "checkpoints"))
+    metrics = (workdir / "metrics.jsonl").read_text()
+    result = subprocess.run(
+        command(workdir, corpus, "--config.train.steps=8", "--config.model.d_model=48"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert last.startswith("error: checkpoint 4"), last
+    assert re.search(r"params\.\S+[a-z] has shape \(.*8.*\) in the checkpoint but \(.*12.*\)", last)
+    assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing deleted
+    assert (workdir / "metrics.jsonl").read_text() == metrics  # nothing truncated
+
+
+def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path, corpus):
+    reference_dir = tmp_path / "reference"
+    short = ["--config.train.steps=12"]
+    subprocess.run(command(reference_dir, corpus), check=True, env=ENV, capture_output=True)
+    workdir = tmp_path / "corrupt"
+    subprocess.run(command(workdir, corpus, *short), check=True, env=ENV, capture_output=True)
+    for root, _, files in os.walk(workdir / "checkpoints" / "12" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    result = subprocess.run(command(workdir, corpus), env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "checkpoint 12" in result.stderr and "unreadable" in result.stderr
+    assert "resumed from checkpoint 8" in result.stderr
+    steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert steps[-1] == STEPS
+    assert (workdir / "checkpoints" / "12.corrupt").is_dir()
+    assert losses(workdir) == losses(reference_dir)
+
+
+def test_first_mismatch_names_the_parameter_and_both_shapes():
+    from lm.training.checkpoint import first_mismatch
+
+    saved = {"params": {"w": np.zeros((2, 3))}, "step": np.int32(0)}
+    assert first_mismatch(saved, saved) is None
+    want = {"params": {"w": np.zeros((2, 4))}, "step": np.int32(0)}
+    assert first_mismatch(saved, want) == (
+        "params.w has shape (2, 3) in the checkpoint but (2, 4) in this config"
+    )
+    assert "params.b" in first_mismatch(saved, {**want, "params": {"b": np.zeros(1)}})
+
+
+def test_spike_guard_gives_up_after_consecutive_skips():
+    from lm.errors import LMError
+    from lm.training.guards import SkipGuard
+
+    guard = SkipGuard(3)
+    guard.update(np.float32(1), 1)
+    guard.update(np.float32(1), 2)
+    guard.update(np.float32(0), 3)  # an accepted update resets the count
+    guard.update(np.asarray([0, 1, 1], np.float32), 6)
+    assert guard.run == 2
+    with pytest.raises(LMError, match="3 consecutive updates skipped up to step 7"):
+        guard.update(np.float32(1), 7)
+    SkipGuard(0).update(np.ones(100), 100)  # 0: never gives up

@@ -164,3 +164,33 @@ def test_schedule_warms_up_then_decays_to_the_floor():
         assert float(s(10)) == pytest.approx(1.0)
         assert float(s(60)) < 1.0
         assert float(s(110)) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_logged_lr_is_the_applied_lr_after_a_skip():
+    # b1 = b2 = 0 and no decay or clipping: every Adam update is lr * g / (|g| + eps), so the
+    # largest |param delta| of a step is the lr that step applied.
+    t = trainer(
+        "--config.optim.warmup_steps=5",
+        "--config.optim.b1=0",
+        "--config.optim.b2=0",
+        "--config.optim.weight_decay=0",
+        "--config.optim.clip_norm=0",
+        "--config.optim.spike_factor=2",
+    )
+    state = t.init_state()
+    state, _ = t.train_step(state, t.device_batch(batch(0)))  # applied: schedule(0) = 0
+    state, _ = t.train_step(state, t.device_batch(batch(1)))  # applied: schedule(1)
+    forced = state.replace(loss_ema=jnp.asarray(1e-3, jnp.float32))  # any loss is a spike
+    state, m = t.train_step(forced, t.device_batch(batch(2)))
+    assert float(m["skipped"]) == 1.0
+    state = state.replace(loss_ema=jnp.zeros((), jnp.float32))
+    before = jax.tree.leaves(state.params)
+    before = [np.asarray(x) for x in before]
+    state, m = t.train_step(state, t.device_batch(batch(3)))
+    assert float(m["skipped"]) == 0.0 and int(state.step) == 4
+    applied = max(
+        float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(state.params), before)
+    )
+    sched = lr_schedule(t.cfg.optim, t.cfg.train.steps)
+    assert applied == pytest.approx(float(sched(2)), rel=1e-3)  # the 3rd applied update
+    assert float(m["lr"]) == pytest.approx(applied, rel=1e-3)

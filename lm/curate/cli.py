@@ -113,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--pipeline", default="stdlib", help="a module in pipelines/ (stdlib, web)")
     run.add_argument("--output", required=True, help="output directory")
     sub.add_parser("list", help="list the named pipelines")
+    sub.add_parser("pack", help="tokenize and pack training data (--experiment, --workdir)")
     return p
 
 
@@ -122,6 +123,10 @@ def main(argv: list[str]) -> int:
         args, rest = _parser().parse_known_args(argv)
     except SystemExit as e:  # argparse already printed a one-line usage error
         return int(e.code or 0)
+    if args.command == "pack":  # packing for training (lm/data/pack.py), not curation
+        from lm.data.pack import main as pack_main
+
+        return pack_main(rest)
     if args.command == "list":
         for name, doc in list_pipelines().items():
             print(f"{name:12s} {doc}")

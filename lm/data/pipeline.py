@@ -26,8 +26,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -39,7 +37,7 @@ from lm.data import curriculum, mixture
 from lm.data.iterator import FEATURES, PackedBatchIterator, batch_features
 from lm.data.sources import iter_documents, tf_cpu_only
 from lm.errors import DataError
-from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID, load_vocabulary
+from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID
 
 _CACHE_VERSION = 2
 _CONVERTER_KEYS = {
@@ -331,83 +329,6 @@ def make_eval_batches(
     return [
         {k: v[i * batch : (i + 1) * batch] for k, v in stacked.items()} for i in range(num_batches)
     ]
-
-
-def _training_caches(cfg, vocab, process_index: int, process_count: int) -> list[tuple]:
-    """(component cfg, split, shard, count) of every packed-row cache `lm train` reads."""
-    return [
-        entry
-        for _, ccfg in _components(cfg, vocab)
-        for entry in (
-            (ccfg, "train", process_index, process_count),
-            (ccfg, "validation", process_index, process_count),
-            (ccfg, "validation", 0, 1),  # validation_bytes_per_token
-        )
-    ]
-
-
-def _build_caches_main() -> None:
-    """Child-process entry of `build_caches_apart`: {cfg, workdir, index, count} on stdin."""
-    from lm.cli import quiet_logs
-
-    quiet_logs()
-    job = json.load(sys.stdin)
-    cfg = ml_collections.ConfigDict(job["cfg"])
-    try:
-        vocab = load_vocabulary(cfg.tokenizer.path, cfg.tokenizer.extra_ids)
-        for ccfg, split, shard, count in _training_caches(cfg, vocab, job["index"], job["count"]):
-            load_packed_rows(ccfg, vocab, job["workdir"], split, shard, count)
-    except (DataError, FileNotFoundError) as e:
-        print(f"{_CHILD_ERROR}{e}", file=sys.stderr)
-        sys.exit(2)
-
-
-_CHILD_ERROR = "lm data error: "
-
-
-def build_caches_apart(
-    cfg: ml_collections.ConfigDict,
-    vocab: seqio.Vocabulary,
-    workdir: str,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> None:
-    """Builds the packed-row caches training will read, if any is missing, in a child process.
-
-    On a 2-core CPU the same XLA train step ran ~25% slower (char_tiny: 44-50 instead of 35-39
-    ms a step) in a process that had just run this TF/seqio pipeline than in one that only
-    memory-maps its output; the cause was not found (see BENCHMARKS.md), so the pipeline runs
-    apart. Tasks given by name (`source=task`) may be registered only in this process, so
-    they are built here as before. A data error in the child is raised here as a DataError.
-    """
-    caches = _training_caches(cfg, vocab, process_index, process_count)
-    if all(
-        os.path.exists(os.path.join(_cache_dir(c, vocab, workdir, *rest), "meta.json"))
-        for c, *rest in caches
-    ):
-        return
-    if any(c.data.source == "task" for c, *_ in caches):
-        return
-    job = dict(cfg=json.loads(cfg.to_json_best_effort()), workdir=workdir)
-    job.update(index=process_index, count=process_count)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    code = "from lm.data.pipeline import _build_caches_main; _build_caches_main()"
-    child = subprocess.run(
-        [sys.executable, "-c", code],
-        input=json.dumps(job),
-        text=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    for line in child.stderr.splitlines():
-        if line.startswith(_CHILD_ERROR):
-            raise DataError(line[len(_CHILD_ERROR) :])
-        parts = line.split(" ", 2)  # the child's log lines (lm.cli.quiet_logs format)
-        if len(parts) == 3 and parts[1] in ("INFO", "WARNING", "ERROR"):
-            logging.log(logging.getLevelName(parts[1]), parts[2])
-    if child.returncode:
-        raise RuntimeError(f"building the data caches failed:\n{child.stderr[-3000:]}")
 
 
 def _decoded_bytes(rows: dict, vocab: seqio.Vocabulary) -> int:

@@ -12,11 +12,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lm.models.transformer import ModelConfig
-from lm.tokenizer.sentencepiece_tokenizer import BOS_ID
+from lm.tokenizer.vocab import BOS_ID, SentencePieceVocab
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
@@ -81,11 +81,34 @@ def generate(
     return out
 
 
+def _global_inputs(params: nnx.State, inputs: tuple) -> tuple:
+    """On a pod, the same host values as replicated global arrays on the params' mesh (every
+    process calls with the same prompt, so all hold the same values); else jax arrays."""
+    if jax.process_count() == 1:
+        return tuple(jnp.asarray(x) for x in inputs)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    out = []
+    for x in inputs:
+        x = np.asarray(x)
+        out.append(jax.make_array_from_callback(x.shape, replicated, lambda i, x=x: x[i]))
+    return tuple(out)
+
+
+def _fetch(out: jax.Array) -> np.ndarray:
+    """The whole output on this host (gathered from every process on a pod)."""
+    if jax.process_count() == 1 or out.is_fully_addressable:
+        return np.asarray(out)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+
 def generate_text(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     model_cfg: ModelConfig,
-    vocab: seqio.Vocabulary,
+    vocab: SentencePieceVocab,
     prompts: list[str],
     *,
     max_new_tokens: int = 64,
@@ -95,7 +118,10 @@ def generate_text(
     seed: int = 0,
     num_samples: int = 1,
 ) -> list[str]:
-    """One completion per (prompt, sample); stops at EOS. Long prompts keep their last tokens."""
+    """One completion per (prompt, sample); stops at EOS. Long prompts keep their last tokens.
+
+    On a pod every process must call it with the same arguments (the params are sharded across
+    processes); each gets every completion."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     max_new_tokens = min(max_new_tokens, model_cfg.max_seq_len - 1)
@@ -109,18 +135,15 @@ def generate_text(
         prompt = np.zeros((num_samples, bucket), np.int32)
         prompt[:, : len(ids)] = ids
         key = jax.random.fold_in(jax.random.PRNGKey(seed), p_index)
+        inputs = (prompt, np.int32(len(ids)), key, np.float32(temperature), np.float32(top_p))
         out = generate(
             graphdef,
             params,
-            jnp.asarray(prompt),
-            jnp.int32(len(ids)),
-            key,
-            jnp.float32(temperature),
-            jnp.float32(top_p),
+            *_global_inputs(params, inputs),
             max_new_tokens=max_new_tokens,
             top_k=top_k,
         )
-        for row in np.asarray(out).tolist():
+        for row in _fetch(out).tolist():
             if vocab.eos_id in row:
                 row = row[: row.index(vocab.eos_id)]
             texts.append(vocab.decode(row))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.errors import ConfigError
-from lm.models.layers.attention import Attention, LayerCache
+from lm.models.layers.attention import ATTENTION_IMPLEMENTATIONS, Attention, LayerCache
 from lm.models.layers.linear import Dense, Embed
 from lm.models.layers.mlp import MLP
 from lm.models.layers.norms import Norm
@@ -55,11 +55,15 @@ class ModelConfig:
     scan_layers: bool
     attention: str
     causal: bool
+    loss_chunk: int = 0
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int | None = None) -> ModelConfig:
         """Builds from the `model` group of an experiment config; fills the 0 / "auto" values."""
-        values = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
+        values = {
+            f.name: model_cfg[f.name] if f.name in model_cfg else f.default
+            for f in dataclasses.fields(cls)
+        }
         if vocab_size:
             values["vocab_size"] = vocab_size
         if values["vocab_size"] <= 0:
@@ -78,6 +82,13 @@ class ModelConfig:
             values["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         values["dtype"] = jnp.dtype(values["dtype"])
         values["param_dtype"] = jnp.dtype(values["param_dtype"])
+        if values["attention"] not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
+                f"got {values['attention']!r}"
+            )
+        if values["loss_chunk"] < 0:
+            raise ConfigError("model.loss_chunk must be >= 0 (0: no chunking)")
         return cls(**values)
 
 
@@ -93,9 +104,13 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype)
+        self.attn_norm = Norm(
+            cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
+        )
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype)
+        self.mlp_norm = Norm(
+            cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
+        )
         self.mlp = MLP(cfg, rngs=rngs)
         self.dropout = cfg.dropout
 
@@ -123,7 +138,12 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(
-            cfg.vocab_size, cfg.d_model, rngs=rngs, init_std=cfg.init_std, dtype=cfg.dtype
+            cfg.vocab_size,
+            cfg.d_model,
+            rngs=rngs,
+            init_std=cfg.init_std,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
         )
         self.pos_embed = (
             Embed(
@@ -133,6 +153,7 @@ class Transformer(nnx.Module):
                 axes=(None, "embed"),
                 init_std=cfg.init_std / 2,
                 dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
             )
             if cfg.position == "learned"
             else None
@@ -147,7 +168,9 @@ class Transformer(nnx.Module):
             self.blocks = make_blocks(rngs)
         else:
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype)
+        self.final_norm = Norm(
+            cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
+        )
         self.head = (
             None
             if cfg.tie_embeddings
@@ -158,6 +181,7 @@ class Transformer(nnx.Module):
                 rngs=rngs,
                 init_std=cfg.init_std,
                 dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
             )
         )
 
@@ -177,6 +201,23 @@ class Transformer(nnx.Module):
         `dropout_key` turns dropout on (training); None is deterministic. `prefix` [batch, seq]
         marks positions that attend bidirectionally within their segment (prefix-LM).
         """
+        x, cache = self.hidden(
+            tokens, positions, segment_ids, cache, cache_index, dropout_key, prefix
+        )
+        return self.logits(x), cache
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: list[LayerCache] | LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        prefix: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """Like `__call__`, but returns the final-normed hidden states [batch, seq, embed]
+        (compute dtype) instead of logits; `logits(hidden)` finishes the forward pass."""
         cfg = self.cfg
         x = self.embed(tokens)
         if self.pos_embed is not None:
@@ -208,10 +249,19 @@ class Transformer(nnx.Module):
                 if new_cache is not None:
                     new_cache.append(layer_cache)
             cache = new_cache
-        x = self.final_norm(x)
+        return self.final_norm(x), cache
+
+    def head_matrix(self) -> tuple[jax.Array, str]:
+        """The output projection as (matrix, layout): the tied `[vocab, embed]` embedding table
+        ("ve") or the untied `[embed, vocab]` head kernel ("ev"), in the compute dtype."""
+        if self.head is None:
+            return self.embed.embedding[...].astype(self.cfg.dtype), "ve"
+        return self.head.kernel[...].astype(self.cfg.dtype), "ev"
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [batch, seq, embed] -> logits [batch, seq, vocab] in float32."""
         logits = self.embed.attend(x) if self.head is None else self.head(x)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
-        return logits, cache
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Any:
         """Zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
@@ -230,3 +280,25 @@ class Transformer(nnx.Module):
 def param_count(state: nnx.State) -> int:
     """Number of parameters in an nnx.State."""
     return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def active_param_count(state: nnx.State, cfg: ModelConfig) -> int:
+    """Parameters used per token: the total, less the unrouted share of any expert-stacked
+    parameter (logical axis "experts"; a mixture-of-experts model routes each token to
+    `experts_per_token` of `num_experts`). Equals `param_count` for dense models."""
+    share = getattr(cfg, "experts_per_token", 1) / max(1, getattr(cfg, "num_experts", 1))
+    total = 0.0
+    for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        size = int(v.get_value().size) if isinstance(v, nnx.Variable) else int(v.size)
+        axes = v.get_metadata().get("axes", ()) if isinstance(v, nnx.Variable) else ()
+        total += size * share if "experts" in (axes or ()) else size
+    return int(total)
+
+
+def experiment_param_counts(cfg) -> tuple[int, int]:
+    """(total, active) parameter counts of an experiment config's model, from shapes only
+    (nnx.eval_shape: nothing is allocated). model.vocab_size 0 takes the tokenizer's."""
+    model_cfg = ModelConfig.from_config(cfg.model, cfg.model.vocab_size or cfg.tokenizer.vocab_size)
+    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    return param_count(state), active_param_count(state, model_cfg)

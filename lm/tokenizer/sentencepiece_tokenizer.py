@@ -17,6 +17,7 @@ import ml_collections
 import sentencepiece as spm
 import seqio
 
+from lm import storage
 from lm.data.sources import iter_documents, tf_cpu_only
 from lm.errors import DataError
 
@@ -79,8 +80,7 @@ def train_tokenizer(
         chars = set().union(*map(set, pieces)) - {" "}  # " " becomes the ▁ meta piece.
         n_bytes = 256 if tok_cfg.byte_fallback else 0
         vocab_size = min(vocab_size, 4 + len(specials) + n_bytes + len(chars) + 1)
-    os.makedirs(out_dir, exist_ok=True)
-    prefix = os.path.join(out_dir, "spm")
+    prefix = storage.join(out_dir, "spm")
     model = io.BytesIO()
     options = dict(
         sentence_iterator=iter(pieces),
@@ -120,14 +120,14 @@ def train_tokenizer(
             f"{hint}: {detail.split('] ')[-1]}"
         ) from None
     path = prefix + ".model"
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
+    storage.write_bytes(path, model.getvalue())  # whole file at once (local or gs://)
     proc = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(prefix + ".vocab", "w", encoding="utf-8") as f:
-        for i in range(proc.get_piece_size()):
-            f.write(f"{proc.id_to_piece(i)}\t{proc.get_score(i)}\n")
+    storage.write_text(
+        prefix + ".vocab",
+        "".join(
+            f"{proc.id_to_piece(i)}\t{proc.get_score(i)}\n" for i in range(proc.get_piece_size())
+        ),
+    )
     return path
 
 
@@ -137,14 +137,14 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
     `extra_ids` appends that many ids after the SentencePiece pieces (T5's sentinels; the last
     id is sentinel 0), as `tokenizer.extra_ids` asks for the masked objectives.
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, MODEL_NAME)
-    if not os.path.isfile(path):
+    if storage.isdir(path):
+        path = storage.join(path, MODEL_NAME)
+    if not storage.exists(path) or storage.isdir(path):
         raise FileNotFoundError(
             f"SentencePiece model {path!r} not found (set --config.tokenizer.path or train one)"
         )
-    tf_cpu_only()  # seqio reads the model through tf.io.gfile.
-    vocab = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+    tf_cpu_only()  # seqio reads the model through tf.io.gfile: give it a local copy.
+    vocab = seqio.SentencePieceVocabulary(storage.local_copy(path), extra_ids=extra_ids)
     try:
         vocab.load_model()
     except Exception as e:  # protobuf/sentencepiece errors vary by version.

@@ -56,3 +56,15 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
         )
     )
     return optax.chain(*chain)
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The step count the learning-rate schedule of `make_optimizer`'s state is at: the count
+    of *applied* updates. A skipped update (the spike/NaN guard) leaves the optimizer state,
+    this count included, untouched while the train step still advances, so the lr of the
+    next applied update is `schedule(schedule_count(opt_state))`, not `schedule(step)`."""
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_sched) if is_sched(x)]
+    if len(found) != 1:
+        raise ValueError(f"expected one ScaleByScheduleState in the optimizer state, got {found}")
+    return found[0].count

@@ -61,3 +61,25 @@ def mfu(
     if peak is None or peak <= 0 or num_devices <= 0:
         return None
     return float(tokens_per_s) * float(flops_per_token) / (float(num_devices) * float(peak))
+
+
+# Chip table for `lm plan`: name -> (dense bf16/fp16 peak FLOP/s, watts per chip, default list price
+# $/chip-hour, HBM GiB). Peaks as in PEAK_FLOPS (V100: 125 TFLOP/s fp16 tensor, NVIDIA datasheet).
+# Power: NVIDIA TDPs (V100 SXM2 300 W, A100 SXM 400 W, H100/H200 SXM 700 W); TPU v4 192 W max chip
+# power (Jouppi et al. 2023, ISCA, Table 3); v5e/v5p/v6e power is not published by Google and the
+# figures here are rough estimates. Prices: Google Cloud on-demand list prices (us-central, 2024:
+# v4 $3.22, v5e $1.20, v5p $4.20, v6e $2.70 per chip-hour; GPUs per GPU-hour approximations of
+# a2/a3 VM prices); override with --price_per_chip_hour. HBM: vendor pages.
+CHIPS: dict[str, tuple[float, float, float, float]] = {
+    "v4": (275e12, 192.0, 3.22, 32.0),
+    "v5e": (197e12, 200.0, 1.20, 16.0),
+    "v5p": (459e12, 350.0, 4.20, 95.0),
+    "v6e": (918e12, 300.0, 2.70, 32.0),
+    "v100": (125e12, 300.0, 2.48, 32.0),
+    "a100": (312e12, 400.0, 3.67, 80.0),
+    "h100": (989e12, 700.0, 11.06, 80.0),
+    "h200": (989e12, 700.0, 13.0, 141.0),
+}
+# Cloud TPU v4/v5p names count TensorCores (2 per chip): v5p-256 is 128 chips. v5e/v6e names and
+# the GPU names here (e.g. h100-64) count chips.
+CORES_PER_CHIP_IN_NAME: dict[str, int] = {"v4": 2, "v5p": 2}

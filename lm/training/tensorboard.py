@@ -7,9 +7,11 @@ on each flush through the storage layer, because object stores cannot append.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
+import uuid
 
 import google_crc32c
 from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -34,11 +36,14 @@ def tfrecord(data: bytes) -> bytes:
 
 
 class EventWriter:
-    """Scalars to `<logdir>/events.out.tfevents.<time>.<host>`, readable by TensorBoard."""
+    """Scalars to `<logdir>/events.out.tfevents.<time>.<host>.<pid>.<random>`, readable by
+    TensorBoard. The name is unique per writer, so a run resumed within the same second (or
+    another writer of the same logdir) never overwrites an earlier file."""
 
     def __init__(self, logdir: str):
         now = time.time()
-        name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}"
+        unique = f"{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{unique}"
         self.path = storage.join(logdir, name)
         version = event_pb2.Event(wall_time=now, file_version="brain.Event:2")
         self._data = bytearray(tfrecord(version.SerializeToString()))

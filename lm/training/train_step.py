@@ -19,8 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm import sharding
 from lm.data.iterator import batch_features
+from lm.models.loss import chunked_cross_entropy
 from lm.models.transformer import ModelConfig, Transformer
-from lm.training.optimizer import lr_schedule, make_optimizer
+from lm.training.optimizer import lr_schedule, make_optimizer, schedule_count
 
 
 @flax.struct.dataclass
@@ -45,17 +46,17 @@ def loss_sums(
 ) -> tuple[jax.Array, jax.Array]:
     """Summed token cross-entropy (nats) and summed weights over a batch."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
-        None,
-        None,
-        dropout_key,
-        batch.get("prefix"),
-    )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"], None, None, dropout_key)
     weights = batch["weights"].astype(jnp.float32)
+    chunk = model.cfg.loss_chunk
+    if chunk > 0:
+        # Logits one chunk of positions at a time, recomputed in the backward pass.
+        hidden, _ = model.hidden(*args, batch.get("prefix"))
+        matrix, layout = model.head_matrix()
+        loss_sum = chunked_cross_entropy(hidden, matrix, layout, batch["targets"], weights, chunk)
+        return loss_sum, jnp.sum(weights)
+    logits, _ = model(*args, batch.get("prefix"))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
@@ -209,7 +210,7 @@ class Trainer:
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": self.schedule(state.step),
+            "lr": self.schedule(schedule_count(state.opt_state)),
             "tokens": weight_sum,
             "skipped": (~ok).astype(jnp.float32),
         }

@@ -6,13 +6,75 @@ span corruption on a decoder-only model) share the same module.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm import sharding
 from lm.models.layers.linear import Dense
 from lm.models.layers.rotary import apply_rotary
 from lm.sharding import constrain
+
+log = logging.getLogger(__name__)
+
+# model.attention values. auto: einsum on CPU, cudnn on GPU, splash on TPU, each falling back
+# to xla (jax.nn.dot_product_attention's XLA path) where it cannot express the case.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "einsum")
+_DEFAULT = {"cpu": "einsum", "gpu": "cudnn", "tpu": "splash"}
+_warned: set[str] = set()
+
+
+def choose_attention(
+    config: str,
+    backend: str,
+    *,
+    dtype,
+    head_dim: int,
+    seq_len: int,
+    decoding: bool = False,
+    prefix: bool = False,
+) -> tuple[str, str]:
+    """(implementation, reason for a fallback or "") for one attention call.
+
+    `config` is model.attention; `backend` is jax.default_backend(). cuDNN flash attention
+    needs a GPU, bf16/fp16 inputs and head_dim a multiple of 8 up to 128; splash attention
+    needs a TPU, a sequence length that is a multiple of 128 and a mask it can build statically
+    (causal or full, with segment ids: not the prefix-LM mask, not a KV cache). Anything else
+    runs on xla (or the einsum path, which is xla's math laid out for CPU).
+    """
+    if config not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}: {config!r}")
+    impl = _DEFAULT.get(backend, "xla") if config == "auto" else config
+    reason = ""
+    if impl == "cudnn":
+        if backend != "gpu":
+            reason = f"cudnn needs a GPU, backend is {backend}"
+        elif jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            reason = f"cudnn needs bfloat16/float16, dtype is {jnp.dtype(dtype).name}"
+        elif head_dim % 8 or head_dim > 128:
+            reason = f"cudnn needs head_dim a multiple of 8 <= 128, got {head_dim}"
+        elif decoding:
+            reason = "cudnn is not used with a KV cache (decode)"
+    elif impl == "splash":
+        if backend != "tpu":
+            reason = f"splash needs a TPU, backend is {backend}"
+        elif seq_len % 128:
+            reason = f"splash needs seq_len a multiple of 128, got {seq_len}"
+        elif decoding or prefix:
+            reason = "splash cannot express the KV-cache or prefix-LM mask"
+    if reason:
+        return "xla", reason
+    return impl, ""
+
+
+def _fallback_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        log.warning("attention: %s; using xla instead", reason)
+
 
 # One layer's cache: {"k": [batch, max_len, kv_heads, head_dim], "v": same}.
 LayerCache = dict[str, jax.Array]
@@ -71,12 +133,73 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return (out / total).astype(v.dtype)
 
 
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal: bool
+) -> jax.Array:
+    """cuDNN flash attention. The causal part is cuDNN's own (`is_causal`, which lets it skip
+    blocks); the packed-segment part of `mask` goes in as a mask (cuDNN applies it as a bias)."""
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation="cudnn"
+    )
+
+
+@functools.cache
+def _splash_kernel(heads: int, seq: int, causal: bool, interpret: bool = False):
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    one = sa.CausalMask((seq, seq)) if causal else sa.FullMask((seq, seq))
+    return sa.make_splash_mha(
+        sa.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array,
+    causal: bool,
+    interpret: bool = False,
+) -> jax.Array:
+    """TPU splash attention (Pallas) with packed-segment ids; q/k/v [batch, seq, heads, dim].
+
+    The kernel is not auto-partitioned, so under a mesh it runs in a shard_map over the batch
+    (and heads) shards of the activation-sharding rules. `interpret` runs the Pallas kernel in
+    interpret mode (any backend; for tests)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+
+    def local(q, k, v, seg):
+        kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret)
+        qkv = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]  # [batch, heads, seq, dim]
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
+            *qkv, seg
+        )
+        return out.transpose(0, 2, 1, 3)
+
+    active = sharding.active_rules()
+    if active is None:
+        return local(q, k, v, segment_ids)
+    mesh, rules = active
+    spec = sharding.logical_to_spec(("batch", None, "heads", None), rules, q.shape, mesh)
+    seg_spec = sharding.logical_to_spec(("batch", None), rules, segment_ids.shape, mesh)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False
+    )(q, k, v, segment_ids)
+
+
 class Attention(nnx.Module):
     """Multi-head attention; `num_kv_heads < num_heads` shares each K/V head across a group."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        common = dict(rngs=rngs, use_bias=cfg.use_bias, dtype=cfg.dtype)
+        common = dict(
+            rngs=rngs, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
         self.q = Dense(
             (d,), (n, h), ("embed", "heads", "head_dim"), init_std=cfg.init_std, **common
         )
@@ -91,7 +214,7 @@ class Attention(nnx.Module):
         self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), init_std=out_std, **common)
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.causal = cfg.causal
-        self.implementation = None if cfg.attention == "auto" else cfg.attention
+        self.implementation = cfg.attention
 
     def __call__(
         self,
@@ -124,11 +247,27 @@ class Attention(nnx.Module):
             query_pos = cache_index + jnp.arange(x.shape[1])
             mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        if self.implementation is None and jax.default_backend() == "cpu":
+        impl, reason = choose_attention(
+            self.implementation,
+            jax.default_backend(),
+            dtype=q.dtype,
+            head_dim=q.shape[-1],
+            seq_len=q.shape[1],
+            decoding=cache is not None,
+            prefix=prefix is not None,
+        )
+        if reason:
+            _fallback_once(reason)
+        if impl == "einsum":
             out = einsum_attention(q, k, v, mask)
+        elif impl == "cudnn":
+            if prefix is None:  # causal-ness by cuDNN, packing by the mask
+                out = cudnn_attention(q, k, v, segment_mask(segment_ids, False), self.causal)
+            else:
+                out = cudnn_attention(q, k, v, mask, False)
+        elif impl == "splash":
+            out = splash_attention(q, k, v, segment_ids, self.causal)
         else:
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, implementation=self.implementation
-            )
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         return self.o(out), cache

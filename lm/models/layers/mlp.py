@@ -16,7 +16,9 @@ class MLP(nnx.Module):
         if cfg.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"model.mlp must be gelu or swiglu, got {cfg.mlp!r}")
         d, f = cfg.d_model, cfg.d_ff
-        common = dict(rngs=rngs, use_bias=cfg.use_bias, dtype=cfg.dtype)
+        common = dict(
+            rngs=rngs, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
         self.up = Dense((d,), (f,), ("embed", "mlp"), init_std=cfg.init_std, **common)
         self.gate = (
             Dense((d,), (f,), ("embed", "mlp"), init_std=cfg.init_std, **common)

@@ -10,14 +10,22 @@ from flax import nnx
 class Norm(nnx.Module):
     """`kind="layernorm"`: (x - mean) / std * scale + bias; `kind="rmsnorm"`: x / rms * scale."""
 
-    def __init__(self, features: int, kind: str, eps: float, use_bias: bool, dtype: jnp.dtype):
+    def __init__(
+        self,
+        features: int,
+        kind: str,
+        eps: float,
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype = jnp.float32,
+    ):
         if kind not in ("layernorm", "rmsnorm"):
             raise ValueError(f"model.norm must be layernorm or rmsnorm, got {kind!r}")
         self.kind, self.eps, self.dtype = kind, eps, dtype
-        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), axes=("norm",))
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype), axes=("norm",))
         with_bias = use_bias and kind == "layernorm"
         self.bias = (
-            nnx.Param(jnp.zeros((features,), jnp.float32), axes=("norm",)) if with_bias else None
+            nnx.Param(jnp.zeros((features,), param_dtype), axes=("norm",)) if with_bias else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -25,7 +33,7 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        y = y * self.scale[...]
+        y = y * self.scale[...].astype(jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)

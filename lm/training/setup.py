@@ -1,0 +1,67 @@
+"""Run setup shared by `lm train` and the commands that read a run: config checks, the saved
+run config, and how steps are grouped into calls."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+from lm import storage
+from lm.data.curriculum import Curriculum
+from lm.data.objective_names import validate_objective
+from lm.errors import ConfigError
+
+
+def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
+    """One-line ConfigErrors for settings that cannot train, before anything slow runs."""
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % (batch_shards * cfg.optim.grad_accum_steps):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} must divide by the data*fsdp mesh axes "
+            f"({batch_shards} devices) times optim.grad_accum_steps; change "
+            "--config.data.batch_size or --config.mesh.*"
+        )
+    for key in ("steps_per_call", "log_every", "eval_every", "checkpoint_every"):
+        if cfg.train[key] < 1:
+            raise ConfigError(f"train.{key}={cfg.train[key]} must be >= 1")
+    if cfg.train.profile_steps < 0:
+        raise ConfigError(f"train.profile_steps={cfg.train.profile_steps} must be >= 0")
+    objective = cfg.data.objective
+    validate_objective(objective)
+    if (objective == "mlm") == cfg.model.causal:
+        raise ConfigError(
+            "data.objective=mlm needs model.causal=False (bidirectional), and the other "
+            "objectives need model.causal=True"
+        )
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was started with."""
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of an `lm train` run?")
+    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+
+
+def steps_in_call(step: int, cfg: ml_collections.ConfigDict, curriculum: Curriculum) -> int:
+    """How many steps the call that starts at `step` runs: `train.steps_per_call` when the group
+    starts at a multiple of it, ends by `train.steps`, logs / evaluates / checkpoints only
+    after its last step and keeps one row length (sequence-length warmup); otherwise 1.
+
+    It depends on `step` alone, so a resumed run groups every step (and so compiles and rounds
+    it) exactly as the uninterrupted run did.
+    """
+    t, k = cfg.train, cfg.train.steps_per_call
+    if k <= 1 or step % k or step + k > t.steps:
+        return 1
+    last = step + k - 1
+    if any(
+        last // every != step // every for every in (t.log_every, t.eval_every, t.checkpoint_every)
+    ):
+        return 1
+    return k if curriculum.row_len(step) == curriculum.row_len(last) else 1

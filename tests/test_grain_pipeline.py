@@ -1,0 +1,160 @@
+"""`lm data pack` (ArrayRecord packs) and the grain reader: host sharding, state, no TF."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from lm.config import default_config
+from lm.data import packed
+from lm.data.grain_pipeline import GlobalSampler, GrainBatchIterator
+
+SEQ, BATCH = 32, 8
+
+
+def _write_docs(root, n: int) -> None:
+    for i in range(n):
+        body = "".join(f"    value_{i}_{j} = compute({j}, {i})\n" for j in range(1 + i % 7))
+        (root / f"doc_{i:04d}.py").write_text(f"def function_{i}(x):\n{body}    return x\n")
+
+
+def _cfg(root, **data):
+    cfg = default_config()
+    cfg.data.update(source="dir", path=str(root), seq_len=SEQ, batch_size=BATCH)
+    cfg.data.update(**{"validation_fraction": 0.2, **data})
+    cfg.tokenizer.update(vocab_size=100, byte_fallback=False)
+    return cfg
+
+
+def _pack(cfg, workdir):
+    packed.ensure_packed(cfg, str(workdir))  # runs `lm data pack` in a subprocess
+    assert packed.is_packed(cfg, str(workdir))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs")
+    _write_docs(root, 40)
+    cfg, work = _cfg(root), tmp_path_factory.mktemp("work")
+    _pack(cfg, work)
+    return cfg, str(work)
+
+
+def _rows_of(it, steps):
+    out = []
+    for _ in range(steps):
+        batch = next(it)
+        out.append((batch, it.last_global_rows()))
+    return out
+
+
+def test_two_hosts_read_disjoint_halves_of_the_one_host_batch(corpus):
+    cfg, work = corpus
+    one = _rows_of(packed.make_train_iterator(cfg, None, work, 0, 1), 6)
+    h0 = _rows_of(packed.make_train_iterator(cfg, None, work, 0, 2), 6)
+    h1 = _rows_of(packed.make_train_iterator(cfg, None, work, 1, 2), 6)
+    n = packed.read_plan(cfg, work)  # independent source of the row count: meta.json
+    meta = json.loads(open(os.path.join(packed.plan_dir(cfg, work), "00-train/meta.json")).read())
+    assert n["components"][0]["name"] == "main"
+    for (b, rows), (b0, r0), (b1, r1) in zip(one, h0, h1):
+        assert len(rows) == BATCH and len(r0) == len(r1) == BATCH // 2
+        assert not set(r0) & set(r1)
+        assert r0 + r1 == rows
+        assert all(0 <= r < meta["rows"] for _, r in rows)
+        for k in b:
+            np.testing.assert_array_equal(np.concatenate([b0[k], b1[k]]), b[k])
+            assert b0[k].shape == (BATCH // 2, SEQ)
+    # one epoch reads every row once
+    sampler = GlobalSampler([meta["rows"]], lambda s: np.ones(1), BATCH, 0)
+    steps = meta["rows"] // BATCH
+    seen = [r for s in range(steps) for r in sampler.global_rows(s)[1]]
+    assert len(set(seen)) == len(seen) == steps * BATCH
+
+
+def test_state_resumes_the_same_batches_per_host(corpus):
+    cfg, work = corpus
+    it = packed.make_train_iterator(cfg, None, work, 1, 2)
+    _rows_of(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    after = _rows_of(it, 3)
+    again = packed.make_train_iterator(cfg, None, work, 1, 2)
+    again.set_state(state)
+    assert [r for _, r in _rows_of(again, 3)] == [r for _, r in after]
+    assert again.rows_taken == it.rows_taken == [6 * BATCH]
+
+
+def test_mixture_sampler_is_independent_of_hosts_and_follows_rates():
+    rates = np.array([0.75, 0.25])
+    sampler = GlobalSampler([50, 30], lambda s: rates, 64, 3)
+    which = np.concatenate([sampler.components(s) for s in range(50)])
+    assert abs((which == 0).mean() - 0.75) < 0.05
+    sources = [
+        [{"targets": np.full(4, c * 100 + r)} for r in range(n)] for c, n in [(0, 50), (1, 30)]
+    ]
+    its = [GrainBatchIterator(sources, sampler, ("targets",), h, 4) for h in range(4)]
+    full = GrainBatchIterator(sources, sampler, ("targets",), 0, 1)
+    for _ in range(3):
+        parts = [next(i)["targets"] for i in its]
+        np.testing.assert_array_equal(np.concatenate(parts), next(full)["targets"])
+    assert sum(full.rows_taken) == 3 * 64
+
+
+def test_eval_batches_are_the_same_global_batches_for_any_host_count(corpus):
+    cfg, work = corpus
+    one = packed.make_eval_batches(cfg, None, work, 3, 0, 1)
+    two = [packed.make_eval_batches(cfg, None, work, 3, h, 2) for h in range(2)]
+    for b, b0, b1 in zip(one, *two):
+        np.testing.assert_array_equal(np.concatenate([b0["targets"], b1["targets"]]), b["targets"])
+    assert packed.validation_bytes_per_token(cfg, None, work) > 1.0
+
+
+_READER = textwrap.dedent(
+    """
+    import json, resource, sys
+    from lm.config import default_config
+    import ml_collections
+    from lm.data import packed
+    from lm.tokenizer.vocab import load_vocab
+    cfg = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+    work = sys.argv[2]
+    vocab = load_vocab(packed.tokenizer_file(cfg, work))
+    it = packed.make_train_iterator(cfg, vocab, work, 0, 1)
+    for _ in range(200):
+        next(it)
+    assert "tensorflow" not in sys.modules and "seqio" not in sys.modules, sorted(
+        m for m in sys.modules if m.startswith(("tensorflow", "seqio")))
+    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "vocab": vocab.vocab_size}))
+    """
+)
+
+
+def _read_in_fresh_process(cfg, work) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", _READER, cfg.to_json(), work],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_reader_process_has_no_tf_and_rss_does_not_grow_with_corpus(corpus, tmp_path):
+    small_cfg, small_work = corpus
+    root = tmp_path / "big_docs"
+    root.mkdir()
+    _write_docs(root, 400)
+    big_cfg, big_work = _cfg(root), tmp_path / "big_work"
+    _pack(big_cfg, big_work)
+    small = _read_in_fresh_process(small_cfg, small_work)
+    big = _read_in_fresh_process(big_cfg, str(big_work))
+    print("peak RSS KB small/big:", small["rss_kb"], big["rss_kb"])
+    assert small["vocab"] == big["vocab"] == 100
+    assert abs(big["rss_kb"] - small["rss_kb"]) <= 0.10 * small["rss_kb"]
