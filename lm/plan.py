@@ -184,7 +184,7 @@ def plan(
         f"{tokens / chin:.2f}x)",
         f"training FLOPs     {total:.4g} (6ND alone {6 * n_matmul * tokens:.4g})",
         f"time at MFU {mfu:.0%}    {secs / 3600:,.1f} h = {secs / 86400:,.2f} days",
-        f"energy             {mwh:,.2f} MWh (PUE {pue})",
+        f"energy             {mwh:.4g} MWh (PUE {pue})",
         f"cost               ${usd:,.0f} at ${chips.price if price is None else price}/chip-hour",
     ]
     analytic = analytic_memory_bytes(cfg, chips.count)

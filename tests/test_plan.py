@@ -1,0 +1,70 @@
+"""`lm plan` against published figures: GPT-3 FLOPs (Brown et al. 2020) and energy (Patterson
+et al. 2021), Chinchilla tokens, chip-spec errors, and the CLI."""
+
+import pytest
+
+from lm.cli import main
+from lm.errors import ConfigError
+from lm.plan import chinchilla_tokens, energy_mwh, parse_chips, plan, train_time_s
+from lm.training.peaks import CHIPS
+
+
+def test_gpt3_flops_match_paper():
+    # Brown et al. 2020, Table D.1: 3.14e23 training FLOPs for 175B on 300B tokens (6ND, no
+    # attention term; the PaLM attention term adds ~2.8% on top).
+    _, r = plan("gpt3_175b", "v5p-256", 300e9, compile=False)
+    assert r["six_nd"] == pytest.approx(3.14e23, rel=0.01)
+    assert r["flops"] == pytest.approx(3.14e23, rel=0.04)
+    assert r["params"] == pytest.approx(175e9, rel=0.01)
+
+
+def test_gpt3_energy_matches_patterson():
+    # Patterson et al. 2021, Table 4 (GPT-3), all inputs from the paper: 3.14e23 FLOPs, 10,000
+    # V100s at a measured 24.6 TFLOP/s each (-> 14.8 days), 330 W average system power per chip
+    # (V100 TDP 300 W plus server overheads), PUE 1.10; they report 1,287 MWh.
+    mfu = 24.6e12 / CHIPS["v100"][0]
+    secs = train_time_s(3.14e23, 10_000, CHIPS["v100"][0], mfu)
+    assert secs / 86400 == pytest.approx(14.8, rel=0.01)
+    assert energy_mwh(10_000, 330.0, secs, 1.1) == pytest.approx(1287, rel=0.01)
+    # Through `plan`, with our FLOP count (which includes attention): within 10%.
+    _, r = plan("gpt3_175b", "v100-10000", 300e9, mfu=mfu, watts=330.0, pue=1.1, compile=False)
+    assert r["mwh"] == pytest.approx(1287, rel=0.1)
+
+
+def test_chinchilla_1b():
+    assert chinchilla_tokens(1_000_000_000) == pytest.approx(20e9)
+
+
+def test_chip_names():
+    assert parse_chips("v5p-256").count == 128  # TensorCores in the name, 2 per chip
+    assert parse_chips("v5e-16").count == 16
+
+
+@pytest.mark.parametrize("spec", ["v9-8", "v5p", "v5p-3", "h100-0"])
+def test_bad_chips_one_line(spec):
+    with pytest.raises(ConfigError) as e:
+        parse_chips(spec)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_gpt2(capsys):
+    assert (
+        main(["plan", "--experiment=gpt2_124m", "--chips=v5p-8", "--tokens=1e9", "--no_compile"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    v, d, layers, ff, t = 50304, 768, 12, 3072, 1024
+    per_layer = 4 * d * d + 4 * d + 2 * d * ff + ff + d + 2 * 2 * d
+    n = v * d + t * d + layers * per_layer + 2 * d
+    assert f"{n:,}" in out
+
+
+def test_cli_bad_chips(capsys):
+    assert main(["plan", "--experiment=gpt2_124m", "--chips=v9-8", "--tokens=1e9"]) == 2
+    assert "unknown chip" in capsys.readouterr().err
+
+
+def test_compile_small():
+    cfg = ["--config.data.batch_size=8", "--config.data.seq_len=128"]
+    lines, r = plan("gpt2_124m", "v5e-8", 1e9, cfg, compile=True, timeout=300)
+    assert r.get("compiled_bytes", 0) > 0, lines
