@@ -54,7 +54,10 @@ def test_user_errors_are_one_line(argv, message, capsys):
 
 
 @pytest.mark.xfail(
-    reason="known bug (issue 8, open): a failing host aborts in the jax distributed shutdown with a C++ trace instead of the one-line error",
+    reason=(
+        "known bug (issue 8, open): a failing host aborts in the jax distributed shutdown "
+        "with a C++ trace instead of the one-line error"
+    ),
     strict=False,
 )
 def test_pod_runs_the_command_on_every_host_with_a_prefix():

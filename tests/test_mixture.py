@@ -58,7 +58,10 @@ def vocab_for(tmp_path_factory):
 
 
 @pytest.mark.xfail(
-    reason="known bug (issue 8, open): the grain reader no longer registers the seqio Mixture this test reads rates back from",
+    reason=(
+        "known bug (issue 8, open): the grain reader no longer registers the seqio "
+        "Mixture this test reads rates back from"
+    ),
     strict=False,
 )
 def test_trained_mixture_proportions_match_rates(tmp_path):

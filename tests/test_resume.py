@@ -198,7 +198,10 @@ def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path, corpus):
 
 
 @pytest.mark.xfail(
-    reason="known bug (issue 8, open): losses after skipping a corrupt checkpoint differ from the reference run",
+    reason=(
+        "known bug (issue 8, open): losses after skipping a corrupt checkpoint differ "
+        "from the reference run"
+    ),
     strict=False,
 )
 def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path, corpus):
