@@ -1,4 +1,4 @@
-"""seqio Tasks over `lm.data.sources.iter_documents`: tokenize, append EOS, cut into pieces.
+"""seqio Tasks over `lm.data.documents.iter_documents`: tokenize, append EOS, cut into pieces.
 
 A Task is registered once per (data config, vocabulary file) under a name derived from a hash of
 both, so registering again is free and two configs never collide. Documents are usually much
@@ -17,7 +17,8 @@ import ml_collections
 import seqio
 import tensorflow as tf
 
-from lm.data.sources import DOC_KEYS, content_stamp, iter_documents
+from lm.data.documents import iter_documents
+from lm.data.sources import DOC_KEYS, content_stamp
 from lm.errors import DataError
 
 

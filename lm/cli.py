@@ -63,12 +63,14 @@ def _param_summary(name: str) -> str:
 
 def cmd_train(args, overrides) -> int:
     from lm import distributed
-
-    distributed.initialize()  # before anything starts the backend
     from lm.config import get_config
+
+    # The config is checked first (it starts no backend), so a mistyped flag fails every host
+    # before the job is joined, not one host mid-join.
+    cfg = get_config(args.experiment, overrides)
+    distributed.initialize()  # before anything starts the backend
     from lm.training.loop import Preempted, train
 
-    cfg = get_config(args.experiment, overrides)
     try:
         summary = train(cfg, args.workdir)
     except Preempted as e:
@@ -90,7 +92,7 @@ def cmd_train(args, overrides) -> int:
 
 def cmd_tokenizer_train(args, overrides) -> int:
     from lm.config import get_config
-    from lm.data.sources import iter_documents
+    from lm.data.documents import iter_documents
     from lm.tokenizer.sentencepiece_tokenizer import (
         compression_report,
         load_vocabulary,

@@ -81,9 +81,21 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(flags))
 
 
-def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier `name` (no-op on one process)."""
-    if jax.process_count() > 1:
+def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+    """Waits until every process reaches the barrier `name` (no-op on one process).
+
+    Why the coordination service's barrier and not a device collective
+    (`sync_global_devices`): the other hosts may wait here for as long as host 0 packs a corpus
+    (hours on a real one), and a CPU collective gives up after 30 s.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:  # joined by other means than jax.distributed: a device collective
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, int(timeout_s * 1000))

@@ -15,7 +15,7 @@ from lm.config import get_config
 
 
 def speedrun(workdir: str) -> int:
-    from lm.data.sources import iter_documents
+    from lm.data.documents import iter_documents
     from lm.inference.sample import generate_text
     from lm.tokenizer.sentencepiece_tokenizer import (
         compression_report,

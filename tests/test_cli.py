@@ -53,13 +53,6 @@ def test_user_errors_are_one_line(argv, message, capsys):
     assert not any("Traceback" in line for line in err)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known bug (issue 8, open): a failing host aborts in the jax distributed shutdown "
-        "with a C++ trace instead of the one-line error"
-    ),
-    strict=False,
-)
 def test_pod_runs_the_command_on_every_host_with_a_prefix():
     import os
     import subprocess

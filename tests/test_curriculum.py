@@ -9,14 +9,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from lm import storage  # noqa: E402
 from lm.config import default_config  # noqa: E402
-from lm.data import pipeline  # noqa: E402
+from lm.data import packed  # noqa: E402
 from lm.data.curriculum import (  # noqa: E402
     Curriculum,
     document_scores,
     order_pieces_by_difficulty,
     shorten_rows,
 )
+from lm.data.grain_pipeline import FEATURES  # noqa: E402
+from lm.data.pack import pack as pack_here  # noqa: E402
 from lm.errors import DataError  # noqa: E402
 from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer  # noqa: E402
 
@@ -44,8 +47,25 @@ def corpus_cfg(root):
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("cur")
     cfg = corpus_cfg(root / "docs")
-    vocab = load_vocabulary(train_tokenizer(cfg.data, cfg.tokenizer, str(root / "tok")))
-    return cfg, vocab, str(root / "work")
+    cfg.tokenizer.path = train_tokenizer(cfg.data, cfg.tokenizer, str(root / "tok"))
+    return cfg, load_vocabulary(cfg.tokenizer.path), str(root / "work")
+
+
+def train_iterator(cfg, vocab, workdir: str):
+    """The trainer's iterator over packs built by `lm data pack` (here: in this process)."""
+    if not packed.is_packed(cfg, workdir):
+        pack_here(cfg, workdir)
+    return packed.make_train_iterator(cfg, vocab, workdir)
+
+
+def train_rows(cfg, workdir: str) -> dict[str, np.ndarray]:
+    """{feature: [rows, seq_len]} of the packed train split, in packed order."""
+    if not packed.is_packed(cfg, workdir):
+        pack_here(cfg, workdir)
+    name = packed.read_plan(cfg, workdir)["components"][0]["dirs"]["train"]
+    split = packed.PackedSplit(storage.join(packed.plan_dir(cfg, workdir), name), FEATURES)
+    rows = [split.row(i) for i in range(len(split))]
+    return {k: np.stack([r[k] for r in rows]) for k in split.features}
 
 
 def test_seq_len_warmup_schedule_and_batches(corpus):
@@ -57,8 +77,8 @@ def test_seq_len_warmup_schedule_and_batches(corpus):
     assert lengths[:10] == [16] * 10 and lengths[10:20] == [32] * 10
     assert lengths[20:] == [64] * 20 and schedule.row_lengths() == [16, 32, 64]
 
-    plain = pipeline.make_train_iterator(default_like(cfg), vocab, workdir)
-    warm = pipeline.make_train_iterator(cfg, vocab, workdir)
+    plain = train_iterator(default_like(cfg), vocab, workdir)
+    warm = train_iterator(cfg, vocab, workdir)
     for step in range(25):
         full, short = next(plain), next(warm)
         n = lengths[step]
@@ -93,7 +113,7 @@ def test_difficulty_orders_documents_and_competence_limits_rows(corpus):
     cfg, vocab, workdir = corpus
     cfg = cfg.copy_and_resolve_references()
     cfg.data.curriculum.update(difficulty="length", competence_start=0.2, competence_steps=50)
-    rows, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    rows = train_rows(cfg, workdir)
     # Segments per row fall as documents get longer: rows are easiest (shortest) first.
     segs = np.array([len(set(r[r > 0])) for r in np.asarray(rows["segment_ids"])])
     assert segs[: len(segs) // 4].mean() > 2 * segs[-len(segs) // 4 :].mean()
@@ -101,7 +121,7 @@ def test_difficulty_orders_documents_and_competence_limits_rows(corpus):
     assert schedule.competence(0) == pytest.approx(0.2) and schedule.competence(50) == 1.0
     assert schedule.competence(10) < schedule.competence(30)
 
-    it = pipeline.make_train_iterator(cfg, vocab, workdir)
+    it = train_iterator(cfg, vocab, workdir)
     n = len(segs)
     index = {r.tobytes(): i for i, r in enumerate(np.asarray(rows["targets"]))}
     drawn = []

@@ -1,7 +1,10 @@
-"""Document sources, the seqio task + packing, and the checkpointable batch iterator."""
+"""Document sources, the seqio task + packing (`lm data pack`), the packed batch iterator, and
+the module import graph."""
 
+import ast
 import json
 import os
+import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -9,13 +12,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import seqio  # noqa: E402
 
+from lm import storage  # noqa: E402
 from lm.config import default_config  # noqa: E402
-from lm.data import pipeline, sources  # noqa: E402
-from lm.data.sources import chunk_text, iter_documents  # noqa: E402
+from lm.data import packed, sources  # noqa: E402
+from lm.data.documents import iter_documents  # noqa: E402
+from lm.data.grain_pipeline import FEATURES, batch_features  # noqa: E402
+from lm.data.pack import pack as pack_here  # noqa: E402
+from lm.data.sources import SPLITS, chunk_text  # noqa: E402
 from lm.errors import DataError  # noqa: E402
-from lm.tokenizer.sentencepiece_tokenizer import load_vocabulary, train_tokenizer  # noqa: E402
+from lm.tokenizer.sentencepiece_tokenizer import (  # noqa: E402
+    BOS_ID,
+    load_vocabulary,
+    train_tokenizer,
+)
 
 SEQ, BATCH = 32, 4
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_docs(n: int = 30) -> list[str]:
@@ -27,23 +39,45 @@ def make_docs(n: int = 30) -> list[str]:
     return docs
 
 
-def dir_cfg(root: str, **data):
+def dir_cfg(root: str, tokenizer: str = "", **data):
     cfg = default_config()
     cfg.data.update(source="dir", path=root, seq_len=SEQ, batch_size=BATCH)
     cfg.data.update(**{"validation_fraction": 0.2, **data})
-    cfg.tokenizer.update(vocab_size=100, byte_fallback=False)
+    cfg.tokenizer.update(vocab_size=100, byte_fallback=False, path=tokenizer)
     return cfg
+
+
+def pack(cfg, workdir: str) -> None:
+    """`lm data pack` in this process (packed.ensure_packed runs the same code in a child)."""
+    if not packed.is_packed(cfg, workdir):
+        pack_here(cfg, workdir)
+
+
+def split_dir(cfg, workdir: str, split: str, component: int = 0) -> str:
+    plan = packed.read_plan(cfg, workdir)
+    return storage.join(packed.plan_dir(cfg, workdir), plan["components"][component]["dirs"][split])
+
+
+def split_rows(cfg, workdir: str, split: str) -> tuple[dict, dict]:
+    """({feature: [rows, seq_len]}, meta) of the packed split of a one-component config."""
+    pack(cfg, workdir)
+    s = packed.PackedSplit(split_dir(cfg, workdir, split), batch_features(cfg.data.objective))
+    rows = [s.row(i) for i in range(len(s))]
+    return {k: np.stack([r[k] for r in rows]) for k in s.features}, s.meta
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """(cfg, vocab, workdir) over 30 small .py files with a 100-piece BPE tokenizer."""
+    """(cfg, vocab, workdir) over 30 small .py files with a 100-piece BPE tokenizer, packed."""
     root = tmp_path_factory.mktemp("docs")
     for i, doc in enumerate(make_docs()):
         (root / f"doc_{i:02d}.py").write_text(doc)
     cfg = dir_cfg(str(root))
     vocab_path = train_tokenizer(cfg.data, cfg.tokenizer, str(tmp_path_factory.mktemp("tok")))
-    return cfg, load_vocabulary(vocab_path), str(tmp_path_factory.mktemp("work"))
+    cfg.tokenizer.path = vocab_path
+    workdir = str(tmp_path_factory.mktemp("work"))
+    pack(cfg, workdir)
+    return cfg, load_vocabulary(vocab_path), workdir
 
 
 # ---------------------------------------------------------------- sources
@@ -135,7 +169,7 @@ def test_splits_disjoint_and_shards_partition(corpus):
 
 def test_packed_rows_are_consistent_and_lose_no_token(corpus):
     cfg, vocab, workdir = corpus
-    rows, meta = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    rows, meta = split_rows(cfg, workdir, "train")
     inputs, targets = np.asarray(rows["inputs"]), np.asarray(rows["targets"])
     seg, pos, w = np.asarray(rows["segment_ids"]), np.asarray(rows["positions"]), rows["weights"]
     assert targets.shape[1] == SEQ and targets.dtype == np.int32 and w.dtype == np.float32
@@ -151,17 +185,21 @@ def test_packed_rows_are_consistent_and_lose_no_token(corpus):
             if seg[r, s] == 0:
                 continue
             assert list(pos[r, s:e]) == list(range(e - s))  # positions restart per segment
-            assert inputs[r, s] == pipeline.BOS_ID
+            assert inputs[r, s] == BOS_ID
             assert list(inputs[r, s + 1 : e]) == list(targets[r, s : e - 1])  # shifted by one
-    # Reused from the cache: the second call does not rebuild.
-    again, meta2 = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
+    # Reused: packing again does not rewrite the split.
+    written = os.stat(os.path.join(split_dir(cfg, workdir, "train"), "rows.array_record"))
+    pack_here(cfg, workdir)
+    again, meta2 = split_rows(cfg, workdir, "train")
     assert meta2 == meta and np.array_equal(again["targets"], targets)
+    path = os.path.join(split_dir(cfg, workdir, "train"), "rows.array_record")
+    assert os.stat(path).st_mtime_ns == written.st_mtime_ns
 
 
 def test_documents_are_cut_into_pieces_not_truncated(corpus):
     """Each segment is one consecutive <= SEQ-token piece of (document tokens + EOS)."""
     cfg, vocab, workdir = corpus
-    rows, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "validation")
+    rows, _ = split_rows(cfg, workdir, "validation")
     targets, seg = np.asarray(rows["targets"]), np.asarray(rows["segment_ids"])
     got = [
         tuple(int(t) for t in targets[r][seg[r] == s])
@@ -182,26 +220,27 @@ def test_documents_are_cut_into_pieces_not_truncated(corpus):
 
 def test_iterator_is_deterministic_and_resumes_exactly(corpus):
     cfg, vocab, workdir = corpus
-    it = pipeline.make_train_iterator(cfg, vocab, workdir)
+    it = packed.make_train_iterator(cfg, vocab, workdir)
     first = [next(it) for _ in range(5)]
     state = json.loads(json.dumps(it.get_state()))
     rest = [next(it) for _ in range(3)]
-    for a, b in zip(first, [next(pipeline.make_train_iterator(cfg, vocab, workdir)) for _ in [0]]):
-        assert all(np.array_equal(a[k], b[k]) for k in pipeline.FEATURES)
-    resumed = pipeline.make_train_iterator(cfg, vocab, workdir)
+    for a, b in zip(first, [next(packed.make_train_iterator(cfg, vocab, workdir)) for _ in [0]]):
+        assert all(np.array_equal(a[k], b[k]) for k in FEATURES)
+    resumed = packed.make_train_iterator(cfg, vocab, workdir)
     resumed.set_state(state)
     for a, b in zip(rest, [next(resumed) for _ in range(3)]):
-        for k in pipeline.FEATURES:
+        for k in FEATURES:
             assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])
+    assert not all(np.array_equal(a["targets"], b["targets"]) for a, b in zip(first, rest))
     batch = first[0]
-    assert set(batch) == set(pipeline.FEATURES)
+    assert set(batch) == set(FEATURES)
     assert all(v.shape == (BATCH, SEQ) for v in batch.values())
     assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
 
 
 def test_iterator_is_infinite_and_reshuffles_epochs(corpus):
     cfg, vocab, workdir = corpus
-    it = pipeline.make_train_iterator(cfg, vocab, workdir)
+    it = packed.make_train_iterator(cfg, vocab, workdir)
     n = it.get_state()["rows"][0]
     seen = np.concatenate([next(it)["targets"] for _ in range(2 * n // BATCH + 1)])
     epoch0 = seen[:n]
@@ -211,53 +250,47 @@ def test_iterator_is_infinite_and_reshuffles_epochs(corpus):
 
 def test_per_host_batches(corpus):
     cfg, vocab, workdir = corpus
-    a = next(pipeline.make_train_iterator(cfg, vocab, workdir, 0, 2))
-    b = next(pipeline.make_train_iterator(cfg, vocab, workdir, 1, 2))
+    a = next(packed.make_train_iterator(cfg, vocab, workdir, 0, 2))
+    b = next(packed.make_train_iterator(cfg, vocab, workdir, 1, 2))
     assert a["targets"].shape == b["targets"].shape == (BATCH // 2, SEQ)
-    assert not np.array_equal(a["targets"], b["targets"])
+    assert not {r.tobytes() for r in a["targets"]} & {r.tobytes() for r in b["targets"]}
     with pytest.raises(DataError, match="not divisible"):
-        pipeline.make_train_iterator(cfg, vocab, workdir, 0, 3)
+        packed.make_train_iterator(cfg, vocab, workdir, 0, 3)
 
 
 def test_eval_batches_and_bytes_per_token(corpus):
     cfg, vocab, workdir = corpus
-    one = pipeline.make_eval_batches(cfg, vocab, workdir, 3)
-    two = pipeline.make_eval_batches(cfg, vocab, workdir, 3)
+    one = packed.make_eval_batches(cfg, vocab, workdir, 3)
+    two = packed.make_eval_batches(cfg, vocab, workdir, 3)
     assert len(one) == 3 and all(b["targets"].shape == (BATCH, SEQ) for b in one)
     assert all(np.array_equal(x[k], y[k]) for x, y in zip(one, two) for k in x)
     val = list(iter_documents(cfg.data, "validation"))
     tokens = sum(len(vocab.encode(d)) + 1 for d in val)
-    bpt = pipeline.validation_bytes_per_token(cfg, vocab, workdir)
+    bpt = packed.validation_bytes_per_token(cfg, vocab, workdir)
     assert bpt == pytest.approx(sum(len(d.encode()) for d in val) / tokens)
 
 
-def test_zero_rows_is_a_data_error(corpus):
-    cfg, vocab, workdir = corpus
-    cfg = dir_cfg(cfg.data.path, validation_fraction=0.0)
+def test_zero_rows_is_a_data_error(corpus, tmp_path):
+    cfg, vocab, _ = corpus
+    cfg = dir_cfg(cfg.data.path, vocab.sentencepiece_model_file, validation_fraction=0.0)
     with pytest.raises(DataError, match="zero validation rows"):
-        pipeline.make_eval_batches(cfg, vocab, workdir, 1)
+        pack(cfg, str(tmp_path))
 
 
 def test_packs_are_built_in_a_subprocess_and_its_errors_come_back(corpus, tmp_path):
-    from lm.data import packed
-
     cfg, vocab, _ = corpus
-    cfg = dir_cfg(cfg.data.path)
-    cfg.tokenizer.path = vocab.sentencepiece_model_file
+    cfg = dir_cfg(cfg.data.path, vocab.sentencepiece_model_file)
     workdir = str(tmp_path / "work")
     packed.ensure_packed(cfg, workdir)  # `lm data pack` in a child process
     plan = packed.read_plan(cfg, workdir)
     assert [c["name"] for c in plan["components"]] == ["main"]
-    rows, meta = pipeline.load_packed_rows(cfg, vocab, str(tmp_path / "direct"), "validation")
-    split = packed.PackedSplit(
-        os.path.join(packed.plan_dir(cfg, workdir), "00-validation"), pipeline.FEATURES
-    )
-    assert len(split) == meta["rows"]  # the whole split, as packed in this process
+    rows, meta = split_rows(cfg, str(tmp_path / "direct"), "validation")  # in this process
+    split = packed.PackedSplit(split_dir(cfg, workdir, "validation"), FEATURES)
+    assert len(split) == meta["rows"] and split.meta["tokens"] == meta["tokens"]
     for i in (0, len(split) - 1):
-        for k in pipeline.FEATURES:
+        for k in FEATURES:
             np.testing.assert_array_equal(split.row(i)[k], rows[k][i])
-    empty = dir_cfg(cfg.data.path, validation_fraction=0.0)
-    empty.tokenizer.path = vocab.sentencepiece_model_file
+    empty = dir_cfg(cfg.data.path, vocab.sentencepiece_model_file, validation_fraction=0.0)
     with pytest.raises(DataError, match="zero validation rows"):
         packed.ensure_packed(empty, str(tmp_path / "empty"))
 
@@ -269,12 +302,14 @@ def test_registered_task_source(corpus):
     name = register_text_task(cfg.data, vocab.sentencepiece_model_file)
     assert register_text_task(cfg.data, vocab.sentencepiece_model_file) == name
     assert name in seqio.TaskRegistry.names()
-    task_cfg = dir_cfg("", source="task", task=name)
-    direct, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
-    via_task, _ = pipeline.load_packed_rows(task_cfg, vocab, workdir, "train")
+    task_cfg = dir_cfg("", vocab.sentencepiece_model_file, source="task", task=name)
+    direct, _ = split_rows(cfg, workdir, "train")
+    via_task, _ = split_rows(task_cfg, workdir, "train")  # packed in this process: registered
+    assert packed.plan_dir(task_cfg, workdir) != packed.plan_dir(cfg, workdir)
     assert np.array_equal(direct["targets"], via_task["targets"])
-    assert pipeline.validation_bytes_per_token(task_cfg, vocab, workdir) == pytest.approx(
-        pipeline.validation_bytes_per_token(cfg, vocab, workdir), rel=0.05
+    # A task has no raw text: its bytes are those of its decoded pieces.
+    assert packed.validation_bytes_per_token(task_cfg, vocab, workdir) == pytest.approx(
+        packed.validation_bytes_per_token(cfg, vocab, workdir), rel=0.05
     )
 
 
@@ -292,9 +327,99 @@ def test_tfds_source_with_mock_data():
 
 def test_cache_is_rebuilt_when_the_data_changes(corpus, tmp_path):
     _, vocab, workdir = corpus
-    (tmp_path / "a.py").write_text(make_docs()[3] * 2)
-    cfg = dir_cfg(str(tmp_path), validation_fraction=0.0)
-    before, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
-    (tmp_path / "a.py").write_text(make_docs()[3])
-    after, _ = pipeline.load_packed_rows(cfg, vocab, workdir, "train")
-    assert int((after["segment_ids"] > 0).sum()) < int((before["segment_ids"] > 0).sum())
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):  # three files: one of them is the validation split
+        (docs / f"{i}.py").write_text(make_docs()[3 + i] * 2)
+    cfg = dir_cfg(str(docs), vocab.sentencepiece_model_file)
+
+    def tokens() -> int:
+        return sum(int((split_rows(cfg, workdir, s)[0]["weights"] > 0).sum()) for s in SPLITS)
+
+    before, old = tokens(), packed.plan_dir(cfg, workdir)
+    (docs / "0.py").write_text(make_docs()[3])
+    assert packed.plan_dir(cfg, workdir) != old
+    assert tokens() < before
+
+
+# ---------------------------------------------------------------- imports
+
+
+def _import_graph(packages=("lm", "data_mixtures")) -> dict[str, set[str]]:
+    """module -> the modules of `packages` it imports (every import statement, those inside
+    functions included, resolved to the deepest module that exists)."""
+    files = {}
+    for pkg in packages:
+        for path in (REPO / pkg).rglob("*.py"):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                deps |= {resolve(f"{base}.{a.name}") or resolve(base) for a in node.names}
+        graph[module] = {d for d in deps if d and d != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_no_import_cycles():
+    graph = _import_graph()
+    assert {"lm.data.sources", "lm.data.documents", "data_mixtures.text"} <= set(graph)
+    assert "lm.data.sources" in graph["data_mixtures.text"]  # statements are really read
+    assert _cycles(graph) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert not any(
+        d == "lm.cli" for m, deps in graph.items() if m.startswith("lm.data") for d in deps
+    )

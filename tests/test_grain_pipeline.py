@@ -158,3 +158,58 @@ def test_reader_process_has_no_tf_and_rss_does_not_grow_with_corpus(corpus, tmp_
     print("peak RSS KB small/big:", small["rss_kb"], big["rss_kb"])
     assert small["vocab"] == big["vocab"] == 100
     assert abs(big["rss_kb"] - small["rss_kb"]) <= 0.10 * small["rss_kb"]
+
+
+_TRAINER = textwrap.dedent(
+    """
+    import json, resource, sys
+    from lm.config import get_config
+    from lm.training.loop import train
+    train(get_config("char_tiny", sys.argv[2:]), sys.argv[1])
+    assert "tensorflow" not in sys.modules and "seqio" not in sys.modules, sorted(
+        m for m in sys.modules if m.startswith(("tensorflow", "seqio")))
+    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_trainer_peak_rss_does_not_grow_with_a_10x_corpus(tmp_path):
+    """`lm train` (packs built beforehand by `lm data pack`, as `lm train` would in a child)
+    on a corpus and on one 10x larger: the trainer's peak RSS stays within 10%, although the
+    larger pack's rows alone are a sizable fraction of that RSS (so holding them would show)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(50)]
+    paragraph = lambda: " ".join(rng.choice(words, 60))  # noqa: E731
+    result = {}
+    for scale in (1, 10):
+        corpus = tmp_path / f"corpus_{scale}.txt"
+        corpus.write_text("\n\n".join(paragraph() for _ in range(1500 * scale)))
+        work = tmp_path / f"work_{scale}"
+        overrides = [
+            f"--config.data.path={corpus}",
+            "--config.model.num_layers=1",
+            "--config.train.steps=20",
+            "--config.train.log_every=10",
+            "--config.train.eval_every=20",
+            "--config.train.checkpoint_every=20",
+            "--config.train.sample_prompts=",
+        ]
+        pack = [sys.executable, "-m", "lm.cli", "data", "pack", "--experiment=char_tiny"]
+        subprocess.run([*pack, f"--workdir={work}", *overrides], env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", _TRAINER, str(work), *overrides],
+            capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        (meta,) = [json.loads(p.read_text()) for p in work.glob("data_cache/*/00-train/meta.json")]
+        rows_bytes = sum(p.stat().st_size for p in work.glob("data_cache/*/*/rows.array_record"))
+        rss = json.loads(out.stdout.strip().splitlines()[-1])["rss_kb"] * 1024
+        result[scale] = dict(rows=meta["rows"], rows_bytes=rows_bytes, rss=rss)
+    print("trainer peak RSS and pack sizes at 1x and 10x:", result)
+    small, big = result[1], result[10]
+    assert big["rows"] >= 9 * small["rows"]  # the text written is 10x; the packs follow it
+    assert big["rows_bytes"] - small["rows_bytes"] > 0.15 * small["rss"]
+    assert abs(big["rss"] - small["rss"]) <= 0.10 * small["rss"]

@@ -1,5 +1,6 @@
 """Mixtures: components registered as seqio Tasks + Mixture, trained-on proportions match rates,
-step-dependent rates, resumable state, clear config errors."""
+step-dependent rates, resumable state, the pack key follows every component's files, clear config
+errors."""
 
 import json
 import os
@@ -11,8 +12,9 @@ import pytest  # noqa: E402
 import seqio  # noqa: E402
 
 from lm.config import default_config, mixture_component  # noqa: E402
-from lm.data import mixture, pipeline  # noqa: E402
-from lm.data.sources import iter_documents  # noqa: E402
+from lm.data import documents, mixture, packed  # noqa: E402
+from lm.data.documents import iter_documents  # noqa: E402
+from lm.data.pack import pack as pack_here  # noqa: E402
 from lm.errors import (
     ConfigError,  # noqa: E402
     DataError,  # noqa: E402
@@ -49,6 +51,15 @@ def mixture_cfg(tmp_path, code_rate=0.75, prose_rate=0.25, **prose):
     return cfg
 
 
+def train_iterator(cfg, vocab, workdir: str):
+    """The trainer's iterator over packs built by `lm data pack` (here: in this process, which
+    has the test's seqio registrations)."""
+    cfg.tokenizer.path = vocab.sentencepiece_model_file
+    if not packed.is_packed(cfg, workdir):
+        pack_here(cfg, workdir)
+    return packed.make_train_iterator(cfg, vocab, workdir)
+
+
 @pytest.fixture(scope="module")
 def vocab_for(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
@@ -57,21 +68,14 @@ def vocab_for(tmp_path_factory):
     return root, load_vocabulary(path)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "known bug (issue 8, open): the grain reader no longer registers the seqio "
-        "Mixture this test reads rates back from"
-    ),
-    strict=False,
-)
 def test_trained_mixture_proportions_match_rates(tmp_path):
     """`lm train` on a two-component mixture: the rows it trained on follow the rates, which
-    it read back from a registered seqio Mixture."""
+    `lm data pack` read back from the seqio Mixture it registered and wrote to plan.json."""
     from lm.training.loop import train
 
     cfg = mixture_cfg(tmp_path / "data")
     cfg.train.steps = 80
-    summary = train(cfg, str(tmp_path / "run"))
+    summary = train(cfg.copy_and_resolve_references(), str(tmp_path / "run"))
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     last = [r for r in records if r["split"] == "train"][-1]
     assert last["step"] == 80
@@ -83,11 +87,9 @@ def test_trained_mixture_proportions_match_rates(tmp_path):
     # The mixed validation loss weighs each component's by its share of the rows.
     assert min(val["loss/code"], val["loss/prose"]) < val["loss"]
     assert val["loss"] < max(val["loss/code"], val["loss/prose"])
-    registered = [seqio.get_mixture_or_task(n) for n in seqio.MixtureRegistry.names()]
-    rates = sorted(
-        m.get_rate(t) for m in registered if m.name.startswith("lm_mixture_") for t in m.tasks
-    )
-    assert 0.25 in rates and 0.75 in rates
+    plan = packed.read_plan(cfg, str(tmp_path / "run"))  # written by the pack subprocess
+    rates = {c["name"]: (c["rate"], c["final_rate"]) for c in plan["components"]}
+    assert rates == {"code": (0.75, 0.75), "prose": (0.25, 0.25)}
 
 
 def test_iterator_follows_step_dependent_rates_and_resumes(vocab_for):
@@ -95,7 +97,7 @@ def test_iterator_follows_step_dependent_rates_and_resumes(vocab_for):
     cfg = mixture_cfg(root, code_rate=1.0, prose_rate=0.0, final_rate=1.0)
     cfg.data.mixture.code.final_rate = 0.0
     cfg.data.curriculum.mixture_steps = 50
-    it = pipeline.make_train_iterator(cfg, vocab, str(root / "work"))
+    it = train_iterator(cfg, vocab, str(root / "work"))
     code = it.names.index("code")
     shares = []
     for _ in range(60):
@@ -106,7 +108,7 @@ def test_iterator_follows_step_dependent_rates_and_resumes(vocab_for):
     assert np.mean(shares[:10]) > 0.8 and np.mean(shares[-10:]) == 0.0  # then all prose
     state = it.get_state()
     expected = [next(it) for _ in range(3)]
-    resumed = pipeline.make_train_iterator(cfg, vocab, str(root / "work"))
+    resumed = train_iterator(cfg, vocab, str(root / "work"))
     resumed.set_state(json.loads(json.dumps(state)))
     for a, b in zip(expected, [next(resumed) for _ in range(3)]):
         assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -120,7 +122,7 @@ def test_source_task_reads_a_registered_seqio_mixture(vocab_for, tmp_path, monke
     root, vocab = vocab_for
     cfg = mixture_cfg(root)
     path = vocab.sentencepiece_model_file
-    tasks = [register_text_task(c.data, path) for c in mixture.configured_components(cfg.data)]
+    tasks = [register_text_task(c.data, path) for c in documents.configured_components(cfg.data)]
     (tmp_path / "user_mixture.py").write_text(
         "import seqio\n"
         f"RATES = [({tasks[0]!r}, 3.0), ({tasks[1]!r}, 1.0)]\n"
@@ -132,12 +134,12 @@ def test_source_task_reads_a_registered_seqio_mixture(vocab_for, tmp_path, monke
     task_cfg.data.update(source="task", task="test_user_mixture", seq_len=SEQ, batch_size=BATCH)
     components = mixture.components_for_training(task_cfg.data, path)
     assert sorted(c.rate for c in components) == [1.0, 3.0]
-    it = pipeline.make_train_iterator(task_cfg, vocab, str(root / "work"))
+    it = train_iterator(task_cfg, vocab, str(root / "work"))
     for _ in range(50):
         next(it)
     share = it.rows_taken[it.names.index(tasks[0])] / (50 * BATCH)
     assert share == pytest.approx(0.75, abs=0.05)
-    assert len(pipeline.make_eval_batches(task_cfg, vocab, str(root / "work"), 2)) == 2
+    assert len(packed.make_eval_batches(task_cfg, vocab, str(root / "work"), 2)) == 2
 
 
 def test_tokenizer_documents_interleave_components_by_rate(tmp_path):
@@ -149,6 +151,20 @@ def test_tokenizer_documents_interleave_components_by_rate(tmp_path):
     assert sum("prose" in d for d in docs) == 40  # and nothing is dropped at the end
 
 
+def test_plan_key_follows_every_component_s_files(tmp_path):
+    """Editing one component's documents gives a new pack key, so no stale pack is reused."""
+    cfg = mixture_cfg(tmp_path)
+    work = str(tmp_path / "work")
+    key = packed.plan_key(cfg, work)
+    assert packed.plan_key(cfg, work) == key  # stable while nothing changes
+    with open(tmp_path / "prose" / "prose_03.txt", "a") as f:
+        f.write("one more line of prose\n")
+    prose = packed.plan_key(cfg, work)
+    assert prose != key
+    (tmp_path / "code" / "code_00.txt").unlink()
+    assert packed.plan_key(cfg, work) not in (key, prose)
+
+
 def test_mixture_config_errors(tmp_path):
     cfg = mixture_cfg(tmp_path)
     with pytest.raises(ConfigError, match="not document keys"):
@@ -156,7 +172,7 @@ def test_mixture_config_errors(tmp_path):
     cfg.data.mixture.code.rate = 0.0
     cfg.data.mixture.prose.rate = 0.0
     with pytest.raises(DataError, match="rates"):
-        mixture.configured_components(cfg.data)
+        documents.configured_components(cfg.data)
     cfg.data.mixture = {}
     with pytest.raises(DataError, match="needs components"):
-        mixture.configured_components(cfg.data)
+        documents.configured_components(cfg.data)

@@ -7,7 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 from lm.config import default_config  # noqa: E402
-from lm.data.sources import iter_documents  # noqa: E402
+from lm.data.documents import iter_documents  # noqa: E402
 from lm.errors import DataError  # noqa: E402
 from lm.tokenizer.sentencepiece_tokenizer import (  # noqa: E402
     compression_report,

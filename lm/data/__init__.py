@@ -1,1 +1,2 @@
-"""Text documents (`sources`) and packed, checkpointable training batches (`pipeline`)."""
+"""Documents (`sources`, `documents`), packing (`pack`, `pipeline`, own process) and the
+trainer's grain reader of the packs (`packed`, `grain_pipeline`)."""

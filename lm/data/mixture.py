@@ -1,19 +1,12 @@
-"""Data mixtures: several sources sampled at configured rates, as a registered seqio Mixture.
+"""Data mixtures as a registered seqio Mixture (used by `lm data pack` only: seqio + TF).
 
-An experiment lists named components, each a data source with a rate:
-
-    c.data.source = "mixture"
-    c.data.mixture = dict(
-        code=dict(rate=0.7, source="stdlib", include="*.py"),
-        web=dict(rate=0.3, final_rate=0.5, source="curated", path="/data/web_clean"),
-    )
-
-Every component is registered as a seqio Task (data_mixtures/text.py) and all of them as one
-seqio Mixture with those rates; `data.source=task` with `data.task=<a registered seqio Mixture>`
-takes the same road. Training reads the rates back from the seqio Mixture, builds each
-component's packed rows separately, and draws every row of a batch from component i with
-probability rate_i(step) (rates move to `final_rate` over `data.curriculum.mixture_steps`).
-A component's unset keys (seq_len, validation_fraction, ...) come from the `data` group.
+The components themselves (`data.mixture`, validated) come from lm/data/documents.py, which
+needs no seqio. Every component is registered as a seqio Task (data_mixtures/text.py) and all
+of them as one seqio Mixture with those rates; `data.source=task` with
+`data.task=<a registered seqio Mixture>` takes the same road. Packing reads the rates back from
+the seqio Mixture into plan.json and builds each component's packed rows separately; training
+draws every row of a batch from component i with probability rate_i(step) (rates move to
+`final_rate` over `data.curriculum.mixture_steps`).
 """
 
 from __future__ import annotations
@@ -23,55 +16,12 @@ import hashlib
 import json
 
 import ml_collections
-import numpy as np
 import seqio
 
 from data_mixtures import load_registrations
 from data_mixtures.text import register_text_task
-from lm.data.sources import COMPONENT_KEYS
+from lm.data.documents import Component, component_data, configured_components
 from lm.errors import DataError
-
-
-@dataclasses.dataclass(frozen=True)
-class Component:
-    """One mixture component: its own data config (source != mixture) and its rates."""
-
-    name: str
-    data: ml_collections.ConfigDict
-    rate: float
-    final_rate: float
-
-
-def _component_data(data_cfg: ml_collections.ConfigDict, **values) -> ml_collections.ConfigDict:
-    data = ml_collections.ConfigDict(data_cfg.to_dict())
-    data.mixture = ml_collections.ConfigDict()
-    data.update(values)
-    return data
-
-
-def configured_components(data_cfg: ml_collections.ConfigDict) -> list[Component]:
-    """The components of `data.mixture` (source=mixture), validated; else one component."""
-    if data_cfg.source != "mixture":
-        return [Component("main", data_cfg, 1.0, 1.0)]
-    if not data_cfg.mixture:
-        raise DataError("data.source=mixture needs components in data.mixture (see experiments/)")
-    out = []
-    for name, spec in data_cfg.mixture.items():
-        spec = dict(spec)
-        unknown = sorted(set(spec) - {"rate", "final_rate", *COMPONENT_KEYS})
-        if unknown:
-            raise DataError(f"data.mixture.{name}: unknown key(s) {unknown}")
-        rate = float(spec.pop("rate", 1.0))
-        final = float(spec.pop("final_rate", -1.0))
-        final = rate if final < 0 else final
-        if rate < 0 or (rate == 0 and final == 0):
-            raise DataError(f"data.mixture.{name}: rates must be >= 0 and not both 0")
-        if spec.get("source", data_cfg.source) == "mixture":
-            raise DataError(f"data.mixture.{name}.source must be a document source, not mixture")
-        out.append(Component(name, _component_data(data_cfg, **spec), rate, final))
-    if sum(c.rate for c in out) <= 0:
-        raise DataError("data.mixture: the rates sum to 0")
-    return out
 
 
 def register_mixture(components: list[Component], vocab_path: str) -> tuple[str, list[str]]:
@@ -118,16 +68,10 @@ def components_for_training(
         return [
             Component(
                 t.name,
-                _component_data(data_cfg, task=t.name),
+                component_data(data_cfg, task=t.name),
                 float(mixture.get_rate(t)),
                 float(mixture.get_rate(t)),
             )
             for t in mixture.tasks
         ]
     return [Component("main", data_cfg, 1.0, 1.0)]
-
-
-def rates_at(components: list[Component], progress: float) -> np.ndarray:
-    """Normalized sampling rates [n_components] at schedule progress in [0, 1]."""
-    rates = np.array([c.rate + progress * (c.final_rate - c.rate) for c in components])
-    return rates / rates.sum()

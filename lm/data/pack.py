@@ -4,7 +4,7 @@ Why apart: TensorFlow/seqio slowed the XLA train step of the process that ran th
 BENCHMARKS.md) and a split built in memory made trainer RSS grow with the corpus. This process
 trains the tokenizer when none is configured, resolves the mixture components (registering
 data_mixtures/ Tasks, so source=task works), and writes for each component and split the
-WHOLE split's packed rows (lm/data/pipeline.py `_build_rows`) as one ArrayRecord file plus
+WHOLE split's packed rows (lm/data/pipeline.py `build_rows`) as one ArrayRecord file plus
 meta.json written last, then plan.json (lm/data/packed.py reads them with grain).
 """
 
@@ -39,9 +39,9 @@ def _train_tokenizer_if_missing(cfg: ml_collections.ConfigDict, workdir: str) ->
 def _write_split(ccfg, vocab, split: str, out_dir: str) -> dict:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    from lm.data.pipeline import _build_rows
+    from lm.data.pipeline import build_rows
 
-    rows, meta = _build_rows(ccfg, vocab, split, 0, 1)
+    rows, meta = build_rows(ccfg, vocab, split, 0, 1)
     if meta["rows"] == 0:
         raise DataError(
             f"data.source={ccfg.data.source!r} gave zero {split} rows "
@@ -70,7 +70,7 @@ def pack(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     root = packed.plan_dir(cfg, workdir)
     comps = []
     for i, c in enumerate(mixture.components_for_training(cfg.data, vocab_path)):
-        ccfg = pipeline._component_cfg(cfg, c)
+        ccfg = pipeline.component_cfg(cfg, c)
         dirs = {}
         for split in packed.SPLITS:
             dirs[split] = f"{i:02d}-{split}"

@@ -40,13 +40,20 @@ def tokenizer_file(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def plan_key(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """A hash of everything that defines the packed rows (TF-free: the config and file stamps)."""
+    """A hash of everything that defines the packed rows (TF-free: the config and file stamps,
+    per component for a mixture, so editing any component's files repacks)."""
+    from lm.data.documents import configured_components
     from lm.data.sources import content_stamp
 
     data = cfg.data.to_dict()
     data.pop("batch_size", None)
     data.pop("cache_dir", None)
-    stamp = "" if cfg.data.source in ("task", "mixture") else content_stamp(cfg.data)
+    if cfg.data.source == "task":
+        stamp = ""
+    elif cfg.data.source == "mixture":
+        stamp = {c.name: content_stamp(c.data) for c in configured_components(cfg.data)}
+    else:
+        stamp = content_stamp(cfg.data)
     key = dict(
         version=PACK_VERSION,
         data=data,

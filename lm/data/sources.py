@@ -1,7 +1,9 @@
 """Document sources: one deterministic stream of text documents per (data config, split, shard).
 
-The tokenizer trainer and the training pipeline both read documents through `iter_documents`, so
-the tokenizer sees exactly the text the model will train on. Every source follows the same plan:
+The tokenizer trainer and the packing both read documents through
+`lm.data.documents.iter_documents` (which adds mixtures on top of `iter_source_documents` here),
+so the tokenizer sees exactly the text the model will train on. Every source follows the same
+plan:
 
 1. enumerate cheap document references (a path, a chunk of a file, a JSONL line, a TFDS index) in
    a fixed order, capped at `max_documents`;
@@ -70,7 +72,7 @@ class SkipStats:
     unreadable: int = 0
 
 
-# Updated by the file readers; tests and logs read it. Reset per `iter_documents` call.
+# Updated by the file readers; tests and logs read it. Reset per `iter_source_documents` call.
 last_skip_stats = SkipStats()
 
 
@@ -372,48 +374,20 @@ def split_refs(
     return [r for r, s in zip(refs, assigned) if s == split]
 
 
-def _interleave_by_rate(streams: list[tuple[float, Iterator[str]]]) -> Iterator[str]:
-    """Documents from several streams, each next one from the live stream furthest behind its
-    rate (taken / rate smallest), until all are exhausted."""
-    live = [[0, rate, it] for rate, it in streams if rate > 0]
-    while live:
-        entry = min(live, key=lambda e: e[0] / e[1])
-        doc = next(entry[2], None)
-        if doc is None:
-            live.remove(entry)
-            continue
-        entry[0] += 1
-        yield doc
-
-
-def iter_documents(
+def iter_source_documents(
     data_cfg: ml_collections.ConfigDict, split: str, shard_index: int = 0, num_shards: int = 1
 ) -> Iterator[str]:
-    """Yields this shard's documents of `split` in a deterministic order.
+    """Yields this shard's documents of `split` of ONE document source, in a deterministic order.
 
     Host `shard_index` of `num_shards` gets every num_shards-th document of the split, chosen
     before any file is read; the shards partition the split. Unreadable files are skipped and
-    counted (`last_skip_stats`).
+    counted (`last_skip_stats`). Mixtures and source=task: lm.data.documents.iter_documents.
     """
     global last_skip_stats
     if not 0 <= shard_index < num_shards:
         raise DataError(f"shard_index {shard_index} out of range for {num_shards} shards")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if data_cfg.source == "task":
-        raise DataError(
-            "data.source=task has no raw documents to read: the seqio task "
-            f"{data_cfg.task!r} is tokenized already (set --config.tokenizer.path to its model)"
-        )
-    if data_cfg.source == "mixture":  # Components interleaved by rate (tokenizer training).
-        from lm.data.mixture import configured_components
-
-        streams = [
-            (max(c.rate, c.final_rate), iter_documents(c.data, split, shard_index, num_shards))
-            for c in configured_components(data_cfg)
-        ]
-        yield from _interleave_by_rate(streams)
-        return
     if data_cfg.source in _STREAMS:  # Streamed: no cheap per-document reads.
         yield from _STREAMS[data_cfg.source](data_cfg, split, shard_index, num_shards)
         return

@@ -18,7 +18,8 @@ import sentencepiece as spm
 import seqio
 
 from lm import storage
-from lm.data.sources import iter_documents, tf_cpu_only
+from lm.data.documents import iter_documents
+from lm.data.sources import tf_cpu_only
 from lm.errors import DataError
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3

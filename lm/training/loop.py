@@ -69,9 +69,13 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) -> 
     primary = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
-    if primary:  # one host packs the data (and trains the tokenizer) apart; the others wait
+    # One host packs the data (and trains the tokenizer) apart while the others wait; then a
+    # host that does not share its workdir with host 0 (a local disk) packs its own copy.
+    if primary:
         ensure_packed(cfg, workdir)
     distributed.barrier("lm-data")
+    if not primary:
+        ensure_packed(cfg, workdir)
     vocab_path = tokenizer_path(cfg, workdir)
     cfg.tokenizer.path = storage.absolute(vocab_path)
     vocab = load_vocab(vocab_path, cfg.tokenizer.extra_ids)

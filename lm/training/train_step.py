@@ -1,7 +1,7 @@
 """Train state, the loss, and the jit-compiled train and eval steps with explicit shardings.
 
 A batch is a dict of `[batch, seq]` arrays: inputs, targets, segment_ids, positions, weights (and
-`prefix` for the prefix-LM objective); see lm/data/iterator.py.
+`prefix` for the prefix-LM objective); see lm/data/grain_pipeline.py.
 The train step is a pure function `(state, batch) -> (state, metrics)`; the state is donated, and
 its sharding (from the config's logical-axis rules) is the same on the way in and out.
 """
@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm import sharding
-from lm.data.iterator import batch_features
+from lm.data.grain_pipeline import batch_features
 from lm.models.loss import chunked_cross_entropy
 from lm.models.transformer import ModelConfig, Transformer
 from lm.training.optimizer import lr_schedule, make_optimizer, schedule_count
