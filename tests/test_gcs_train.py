@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
+from train_run import lm_command, train_args, write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -24,23 +24,8 @@ def _env(gcs) -> dict[str, str]:
 
 
 def _train(workdir: str, corpus: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lm.cli",
-        "train",
-        "--experiment=char_tiny",
-        f"--workdir={workdir}",
-        f"--config.data.path={corpus}",
-        "--config.model.num_layers=1",
-        "--config.model.d_model=32",
-        "--config.model.d_ff=64",
-        f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1",
-        "--config.train.eval_every=6",
-        "--config.train.checkpoint_every=4",
-        "--config.train.sample_prompts=",
-    ]
+    extra = ["--config.train.eval_every=6", "--config.train.checkpoint_every=4"]
+    return lm_command(*train_args(workdir, corpus, STEPS, *extra))
 
 
 def _gs_dirs(root: str) -> list[str]:
@@ -61,10 +46,7 @@ def _steps_logged(fs, bare: str) -> list[int]:
 
 
 def test_train_kill_resume_sample_on_gcs(gcs, tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["the", "model", "loss", "falls", "when", "data", "is", "packed", "and", "shuffled"]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 40)) + "." for _ in range(300)))
+    corpus = write_corpus(tmp_path / "corpus.txt", 300)
     workdir = gcs.fresh("run")
     bare = workdir.removeprefix("gs://")
     fs = gcs.fs()

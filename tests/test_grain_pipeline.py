@@ -114,8 +114,7 @@ def test_eval_batches_are_the_same_global_batches_for_any_host_count(corpus):
 
 _READER = textwrap.dedent(
     """
-    import json, resource, sys
-    from lm.config import default_config
+    import json, sys
     import ml_collections
     from lm.data import packed
     from lm.tokenizer.vocab import load_vocab
@@ -127,8 +126,7 @@ _READER = textwrap.dedent(
         next(it)
     assert "tensorflow" not in sys.modules and "seqio" not in sys.modules, sorted(
         m for m in sys.modules if m.startswith(("tensorflow", "seqio")))
-    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                      "vocab": vocab.vocab_size}))
+    print(json.dumps({"vocab": vocab.vocab_size}))
     """
 )
 
@@ -146,18 +144,11 @@ def _read_in_fresh_process(cfg, work) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_reader_process_has_no_tf_and_rss_does_not_grow_with_corpus(corpus, tmp_path):
-    small_cfg, small_work = corpus
-    root = tmp_path / "big_docs"
-    root.mkdir()
-    _write_docs(root, 400)
-    big_cfg, big_work = _cfg(root), tmp_path / "big_work"
-    _pack(big_cfg, big_work)
-    small = _read_in_fresh_process(small_cfg, small_work)
-    big = _read_in_fresh_process(big_cfg, str(big_work))
-    print("peak RSS KB small/big:", small["rss_kb"], big["rss_kb"])
-    assert small["vocab"] == big["vocab"] == 100
-    assert abs(big["rss_kb"] - small["rss_kb"]) <= 0.10 * small["rss_kb"]
+def test_reader_process_has_no_tf(corpus):
+    """Reading batches imports neither TensorFlow nor seqio (the trainer-level check, with
+    peak RSS at 1x and 10x, is the slow test below)."""
+    cfg, work = corpus
+    assert _read_in_fresh_process(cfg, work)["vocab"] == 100
 
 
 _TRAINER = textwrap.dedent(
@@ -177,7 +168,7 @@ _TRAINER = textwrap.dedent(
 def test_trainer_peak_rss_does_not_grow_with_a_10x_corpus(tmp_path):
     """`lm train` (packs built beforehand by `lm data pack`, as `lm train` would in a child)
     on a corpus and on one 10x larger: the trainer's peak RSS stays within 10%, although the
-    larger pack's rows alone are a sizable fraction of that RSS (so holding them would show)."""
+    larger pack's rows alone exceed 10% of that RSS (so holding them would show)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     rng = np.random.default_rng(0)
@@ -186,7 +177,7 @@ def test_trainer_peak_rss_does_not_grow_with_a_10x_corpus(tmp_path):
     result = {}
     for scale in (1, 10):
         corpus = tmp_path / f"corpus_{scale}.txt"
-        corpus.write_text("\n\n".join(paragraph() for _ in range(1500 * scale)))
+        corpus.write_text("\n\n".join(paragraph() for _ in range(10000 * scale)))
         work = tmp_path / f"work_{scale}"
         overrides = [
             f"--config.data.path={corpus}",
@@ -211,5 +202,6 @@ def test_trainer_peak_rss_does_not_grow_with_a_10x_corpus(tmp_path):
     print("trainer peak RSS and pack sizes at 1x and 10x:", result)
     small, big = result[1], result[10]
     assert big["rows"] >= 9 * small["rows"]  # the text written is 10x; the packs follow it
-    assert big["rows_bytes"] - small["rows_bytes"] > 0.15 * small["rss"]
+    # Holding the extra rows in memory would alone break the 10% bound below.
+    assert big["rows_bytes"] - small["rows_bytes"] > 0.10 * small["rss"]
     assert abs(big["rss"] - small["rss"]) <= 0.10 * small["rss"]

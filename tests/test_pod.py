@@ -2,16 +2,16 @@
 devices, survives SIGKILL of every host and SIGTERM of one host, and finishes its end-of-run
 evaluation, sampling and report."""
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from train_run import lm_command, losses, records, wait_for_step, write_corpus
+from train_run import train_args as shared_train_args
 
 STEPS = 16
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
@@ -25,28 +25,17 @@ ONE_PROCESS_ENV = ENV | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pod")
-    rng = np.random.default_rng(0)
-    words = ["the", "model", "loss", "falls", "when", "data", "is", "packed", "and", "shuffled"]
-    path = root / "corpus.txt"
-    path.write_text("\n\n".join(" ".join(rng.choice(words, 40)) + "." for _ in range(400)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("pod") / "corpus.txt")
 
 
 def train_args(workdir, corpus, *extra):
-    return [
-        "train",
-        "--experiment=char_tiny",
-        f"--workdir={workdir}",
-        f"--config.data.path={corpus}",
+    return shared_train_args(
+        workdir,
+        corpus,
+        STEPS,
         "--config.data.batch_size=16",
         "--config.data.validation_fraction=0.1",
-        "--config.model.num_layers=1",
-        "--config.model.d_model=32",
-        "--config.model.d_ff=64",
         "--config.model.dropout=0.1",
-        f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1",
         "--config.train.eval_every=8",
         "--config.train.eval_batches=2",
         "--config.train.checkpoint_every=4",
@@ -54,31 +43,14 @@ def train_args(workdir, corpus, *extra):
         "--config.train.sample_prompts=the |model",
         "--config.train.sample_tokens=8",
         *extra,
-    ]
+    )
 
 
 def pod(*args):
-    return [sys.executable, "-m", "lm.cli", "pod", "--processes=2", "--devices_per_process=4",
-            "--", *args]  # fmt: skip
+    return lm_command("pod", "--processes=2", "--devices_per_process=4", "--", *args)
 
 
-def one_process(*args):
-    return [sys.executable, "-m", "lm.cli", *args]
-
-
-def records(workdir, split="train"):
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["split"] == split:
-                assert record["step"] not in out, "a step was logged twice"
-                out[record["step"]] = record
-    return out
-
-
-def losses(workdir):
-    return {step: r["loss"] for step, r in records(workdir).items()}
+one_process = lm_command
 
 
 def run(cmd, env=ENV, timeout=300):
@@ -99,19 +71,6 @@ def host_pids(log, n=2, timeout=60):
             return [int(found[str(i)]) for i in range(n)]
         time.sleep(0.05)
     raise TimeoutError("the pod did not start its hosts")
-
-
-def wait_for_step(workdir, proc, step, timeout=240):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(path) and any(
-            json.loads(ln).get("step", 0) >= step for ln in open(path) if ln.strip()
-        ):
-            return
-        assert proc.poll() is None, "the pod exited before it was interrupted"
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
 
 
 @pytest.fixture(scope="module")

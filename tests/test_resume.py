@@ -2,17 +2,15 @@
 and exits; a corrupt checkpoint is skipped with a warning and never loaded; train.profile_steps
 writes a profiler trace."""
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_run import lm_command, losses, train_args, wait_for_step, write_corpus
 
 from lm.training.checkpoint import Checkpointer
 
@@ -23,59 +21,13 @@ ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"TF_CPP_MIN_L
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(0)
-    words = ["the", "model", "loss", "falls", "when", "data", "is", "packed", "and", "shuffled"]
-    paragraphs = [" ".join(rng.choice(words, 40)) + "." for _ in range(400)]
-    path = root / "corpus.txt"
-    path.write_text("\n\n".join(paragraphs))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("resume") / "corpus.txt")
 
 
 def command(workdir, corpus, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "lm.cli",
-        "train",
-        "--experiment=char_tiny",
-        f"--workdir={workdir}",
-        f"--config.data.path={corpus}",
-        "--config.model.num_layers=1",
-        "--config.model.d_model=32",
-        "--config.model.d_ff=64",
-        "--config.model.dropout=0.1",
-        f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1",
-        "--config.train.eval_every=12",
-        "--config.train.checkpoint_every=4",
-        "--config.train.sample_prompts=",
-        *extra,
-    ]
-
-
-def losses(workdir):
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if record["split"] == "train":
-                assert record["step"] not in out, "a step was logged twice"
-                out[record["step"]] = record["loss"]
-    return out
-
-
-def wait_for_step(workdir, proc, step, timeout=240):
-    path = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(path) and any(
-            json.loads(ln).get("step", 0) >= step for ln in open(path) if ln.strip()
-        ):
-            return
-        assert proc.poll() is None, "training exited before it was interrupted"
-        time.sleep(0.05)
-    raise TimeoutError(f"step {step} not reached")
+    return lm_command(*train_args(workdir, corpus, STEPS, "--config.model.dropout=0.1",
+                      "--config.train.eval_every=12", "--config.train.checkpoint_every=4",
+                      *extra))  # fmt: skip
 
 
 @pytest.mark.parametrize("per_call", [1, 4])

@@ -125,6 +125,8 @@ class GrainBatchIterator:
         process_count: int = 1,
         names: tuple[str, ...] = ("main",),
         key: str = "",
+        read_threads: int = 2,
+        prefetch_batches: int = 16,
     ):
         if sampler.batch % process_count:
             raise ValueError(f"batch {sampler.batch} is not divisible by {process_count} hosts")
@@ -138,7 +140,7 @@ class GrainBatchIterator:
         self._taken = [0] * len(self._sources)
         self._last: list[tuple[int, int]] = []
         ds = grain.MapDataset.range(_STEPS).map(self._host_batch)
-        self._ds = ds.to_iter_dataset()
+        self._ds = ds.to_iter_dataset(grain.ReadOptions(read_threads, prefetch_batches))
         self._it = iter(self._ds)
 
     def _row(self, component: int, row: int) -> dict[str, np.ndarray]:

@@ -47,7 +47,8 @@ def plan_key(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 
     data = cfg.data.to_dict()
     data.pop("batch_size", None)
-    data.pop("cache_dir", None)
+    for key in ("cache_dir", "read_threads", "prefetch_batches"):  # not in the rows
+        data.pop(key, None)
     if cfg.data.source == "task":
         stamp = ""
     elif cfg.data.source == "mixture":
@@ -185,6 +186,8 @@ def make_train_iterator(
         process_count,
         tuple(c["name"] for c in comps),
         plan_key(cfg, workdir),
+        int(cfg.data.read_threads),
+        int(cfg.data.prefetch_batches),
     )
 
 
