@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -157,6 +158,14 @@ def _per_host_batch(cfg: ml_collections.ConfigDict, process_count: int) -> int:
     return cfg.data.batch_size // process_count
 
 
+def read_threads(configured: int) -> int:
+    """grain reader threads: `configured`, or for -1 as many as the host can spare."""
+    if configured >= 0:
+        return int(configured)
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 4 else min(8, cores // 4)
+
+
 def make_train_iterator(
     cfg: ml_collections.ConfigDict,
     vocab,
@@ -186,7 +195,7 @@ def make_train_iterator(
         process_count,
         tuple(c["name"] for c in comps),
         plan_key(cfg, workdir),
-        int(cfg.data.read_threads),
+        read_threads(cfg.data.read_threads),
         int(cfg.data.prefetch_batches),
     )
 
