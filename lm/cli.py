@@ -241,7 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lm.distributed import take_job_flags
+    from lm.errors import ConfigError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = take_job_flags(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     if argv[:1] == ["data"]:
         args, rest = parser.parse_args(argv[:1]), argv[1:]

@@ -1,7 +1,8 @@
 """Joining a multi-process JAX job, before anything touches the XLA backend.
 
 Every `lm` command that runs on a pod calls `initialize()` first. The job is described by
-environment variables (set by `lm pod` on one machine, or by a cluster launcher):
+environment variables (set by `lm pod` on one machine, or by a cluster launcher), or by the
+flags `lm --coordinator=H:P --num_processes=N --process_id=I <command>`:
 
   LM_COORDINATOR     host:port of process 0's coordination service
   LM_NUM_PROCESSES   how many processes take part
@@ -21,12 +22,38 @@ import os
 import jax
 import numpy as np
 
+from lm.errors import ConfigError
+
 COORDINATOR = "LM_COORDINATOR"
 NUM_PROCESSES = "LM_NUM_PROCESSES"
 PROCESS_ID = "LM_PROCESS_ID"
 MULTIHOST = "LM_MULTIHOST"
 
 _joined = False
+# `lm --coordinator=H:P --num_processes=N --process_id=I <command>` sets the same variables.
+JOB_FLAGS = {
+    "--coordinator": COORDINATOR,
+    "--num_processes": NUM_PROCESSES,
+    "--process_id": PROCESS_ID,
+}
+
+
+def take_job_flags(argv: list[str], env=None) -> list[str]:
+    """Moves the job flags of `argv` (before any `--`) into `env` (os.environ); returns the
+    rest. For GPU clusters whose launcher passes the job on the command line."""
+    env = os.environ if env is None else env
+    rest = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return rest + argv[i:]
+        name, _, value = arg.partition("=")
+        if name in JOB_FLAGS:
+            if not value:
+                raise ConfigError(f"{name} needs a value: {name}=...")
+            env[JOB_FLAGS[name]] = value
+        else:
+            rest.append(arg)
+    return rest
 
 
 def job_from_env(env=None) -> tuple[str, int, int] | None:
@@ -38,11 +65,12 @@ def job_from_env(env=None) -> tuple[str, int, int] | None:
     try:
         num, pid = int(env[NUM_PROCESSES]), int(env[PROCESS_ID])
     except (KeyError, ValueError) as e:
-        raise ValueError(
-            f"{COORDINATOR} is set, so {NUM_PROCESSES} and {PROCESS_ID} must be integers"
+        raise ConfigError(
+            f"{COORDINATOR} is set, so {NUM_PROCESSES} and {PROCESS_ID} (or --num_processes "
+            "and --process_id) must be integers"
         ) from e
     if not 0 <= pid < num:
-        raise ValueError(f"{PROCESS_ID}={pid} must be in [0, {NUM_PROCESSES}={num})")
+        raise ConfigError(f"{PROCESS_ID}={pid} must be in [0, {NUM_PROCESSES}={num})")
     return coordinator, num, pid
 
 

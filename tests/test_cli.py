@@ -73,3 +73,21 @@ def test_pod_runs_the_command_on_every_host_with_a_prefix():
 def test_pod_needs_a_command(capsys):
     assert main(["pod", "--processes=0", "--", "experiments"]) == 2
     assert "--processes" in capsys.readouterr().err
+
+
+def test_job_flags_set_the_job_variables_and_bad_ones_are_one_line(monkeypatch, capsys):
+    from lm import distributed
+
+    env = {}
+    rest = distributed.take_job_flags(
+        ["--coordinator=10.0.0.1:8476", "train", "--num_processes=4", "--process_id=3", "--",
+         "--process_id=9"], env,
+    )  # fmt: skip
+    assert rest == ["train", "--", "--process_id=9"]  # after `--`: the pod's command, untouched
+    assert distributed.job_from_env(env) == ("10.0.0.1:8476", 4, 3)
+    for var in (distributed.COORDINATOR, distributed.NUM_PROCESSES, distributed.PROCESS_ID):
+        monkeypatch.setenv(var, "")  # restored (unset) after the test; main sets them
+    flags = ["--coordinator=127.0.0.1:1", "--num_processes=2", "--process_id=5"]
+    assert main([*flags, "train", "--experiment=tiny", "--workdir=/tmp/never"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: LM_PROCESS_ID=5 must be in [0, LM_NUM_PROCESSES=2)", err

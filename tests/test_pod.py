@@ -2,6 +2,7 @@
 devices, survives SIGKILL of every host and SIGTERM of one host, and finishes its end-of-run
 evaluation, sampling and report."""
 
+import json
 import os
 import re
 import signal
@@ -88,6 +89,16 @@ def test_pod_matches_one_process_with_as_many_devices(tmp_path, corpus, pod_run)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert sorted(expected) == sorted(got)
     np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), rtol=1e-5)
+
+    # The rows of the last step, from each host's data state in the final checkpoint: the two
+    # hosts' shares are disjoint, 8 rows each, and together the one process's 16.
+    def last_rows(workdir, name):
+        state = json.loads((workdir / "checkpoints" / "data" / str(STEPS) / name).read_text())
+        return {tuple(r) for r in state["last_rows"]}
+
+    host0, host1 = (last_rows(workdir, f"process_{h}-of-2.json") for h in (0, 1))
+    assert len(host0) == len(host1) == 8 and not host0 & host1
+    assert host0 | host1 == last_rows(single, "process_0-of-1.json")
 
 
 def test_pod_finishes_evaluation_sampling_and_report(pod_run):

@@ -185,6 +185,7 @@ class GrainBatchIterator:
             "key": self._key,
             "host": self._host,
             "count": self._count,
+            "last_rows": [list(p) for p in self._last],  # (component, row): tests, debugging
         }
 
     def set_state(self, state: dict) -> None:
