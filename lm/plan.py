@@ -202,4 +202,11 @@ def plan(
             )
         else:
             lines.append(f"memory/device      XLA:CPU estimate unavailable ({why}); analytic only")
+    worst = max(analytic, r.get("compiled_bytes", 0))
+    r["fits"] = worst <= chips.hbm_gib * gib
+    lines.append(
+        f"fits in HBM        {'yes' if r['fits'] else 'NO'}: {worst / gib:,.2f} of "
+        f"{chips.hbm_gib:.0f} GiB"
+        + ("" if r["fits"] else " (more fsdp/tensor parallelism, remat, a smaller batch)")
+    )
     return lines, r

@@ -68,3 +68,13 @@ def test_compile_small():
     cfg = ["--config.data.batch_size=8", "--config.data.seq_len=128"]
     lines, r = plan("gpt2_124m", "v5e-8", 1e9, cfg, compile=True, timeout=300)
     assert r.get("compiled_bytes", 0) > 0, lines
+
+
+def test_plan_says_whether_the_run_fits_in_hbm(capsys):
+    small = ["plan", "--experiment=llama_1b", "--chips=v5p-256", "--tokens=1e9", "--no_compile"]
+    assert main(small) == 0
+    assert "fits in HBM        yes" in capsys.readouterr().out
+    # 175B parameters with Adam on 4 chips: ~2.8 TB of state alone, far over 4 x 95 GiB.
+    big = ["plan", "--experiment=gpt3_175b", "--chips=v5p-8", "--tokens=1e9", "--no_compile"]
+    assert main(big) == 0
+    assert "fits in HBM        NO" in capsys.readouterr().out
