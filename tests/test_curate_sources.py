@@ -9,8 +9,9 @@ import pytest
 
 from lm.curate.cli import main
 from lm.curate.config import default_config, list_pipelines, load_pipeline
+from lm.curate.inputs import expand_inputs
 from lm.curate.output import read_documents, read_rejects
-from lm.curate.sources import expand_inputs, read_jsonl, read_parquet, read_warc
+from lm.curate.sources import read_jsonl, read_parquet, read_warc
 from lm.curate.synthetic import prose
 from lm.errors import ConfigError
 
@@ -68,7 +69,8 @@ def test_read_parquet(tmp_path):
     pq.write_table(pa.table({"text": ["first doc", None, "third"], "url": ["", "", "u"]}), path)
     docs = list(read_parquet(path, "d.parquet", dict(SRC, type="parquet")))
     assert [d["text"] for d in docs] == ["first doc", "", "third"]
-    assert docs[1]["reject"] == ("decode", "empty")
+    assert [d["id"] for d in docs] == [f"parquet/d.parquet:{i:09d}" for i in range(3)]
+    assert docs[1]["reject"] == ("decode", "null_text")
     with pytest.raises(ValueError, match="no column"):
         list(read_parquet(path, "d.parquet", dict(SRC, type="parquet", text_field="body")))
 
@@ -149,3 +151,6 @@ def test_ids_stay_unique_across_several_roots(tmp_path):
     paths = f"{tmp_path / 'a'},{tmp_path / 'b'}"
     rels = [r for _, r in expand_inputs(dict(SRC, type="dir", path=paths))]
     assert rels == ["a/README.md", "b/README.md"]
+    # A root named twice (or overlapping another) is read once: no id from two inputs.
+    twice = f"{paths},{tmp_path / 'a'},{tmp_path / 'a' / 'README.md'}"
+    assert [r for _, r in expand_inputs(dict(SRC, type="dir", path=twice))] == rels

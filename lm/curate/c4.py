@@ -1,9 +1,24 @@
-"""The C4 page cleaner (Raffel et al. 2020), with the values of its reference implementation.
+"""The C4 page cleaner (Raffel et al. 2020), rule for rule as its reference implementation.
 
-Unlike the other quality filters, C4 both edits and filters: it keeps only lines that end in
-terminal punctuation and have at least 3 words, drops lines mentioning javascript or cookie and
-privacy policies, strips citation markers, and then drops the whole page when fewer than 5
-sentences remain, when it contains "lorem ipsum" or a curly brace (a code smell), or a bad word.
+Reference: TensorFlow Datasets' `tensorflow_datasets/text/c4_utils.py` (`clean_page`, and
+`get_badwords_filter_fn`, which `c4.py` applies to the cleaned page), with its values:
+`_MIN_WORDS_PER_LINE = 5`, `_MIN_NUM_SENTENCES = 3`, `_MAX_WORD_LENGTH = 1000`,
+`_END_MARKS = (".", "?", "!", '"')`, `_ELLIPSIS = "..."`, the six `_POLICY_SUBSTRINGS` below and
+the citation regex `\\[\\d*\\]|\\[edit\\]|\\[citation needed\\]` (case-sensitive).
+
+Per line, in the reference's order: strip; drop a line with a word over 1,000 characters; remove
+citation markers; drop a line that does not end in an end mark or ends in "..."; drop a line of
+fewer than 5 words; reject the page if the line says "lorem ipsum"; drop a line mentioning
+javascript; reject the page if the line has a curly brace; drop a policy/cookie line. Only lines
+that got that far count, so a `{` or "lorem ipsum" on a line the line filter drops anyway does not
+reject the page. The page is rejected when its kept lines have fewer than 3 sentences, or (after
+cleaning) contain a bad word. The kept lines are joined with "\\n", as in the reference (blank
+lines, which never pass the end-mark rule, are not kept).
+
+One deliberate difference: the reference counts sentences with NLTK's punkt tokenizer (a model it
+downloads at run time); here a line's sentences are its end marks followed by a space, plus one
+for the end mark that ends it. A test runs the reference `clean_page` with this counter in place
+of punkt and checks that both give the same pages.
 """
 
 from __future__ import annotations
@@ -12,9 +27,10 @@ import re
 from typing import Any
 
 from lm.curate.safety import Blocklist
+from lm.curate.textstats import TextView
 
-_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
-_BLANK_RUNS = re.compile(r"\n{3,}")
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
+_ELLIPSIS = "..."
 _POLICY = (
     "terms of use",
     "privacy policy",
@@ -25,8 +41,13 @@ _POLICY = (
 )
 
 
+def count_sentences(line: str) -> int:
+    """Sentences in a kept line (which ends in an end mark): inner ". ", "! ", "? " plus one."""
+    return 1 + line.count(". ") + line.count("! ") + line.count("? ")
+
+
 class C4Filter:
-    """Configured once per worker (the bad-word regex is compiled in the constructor)."""
+    """Configured once per worker (the bad-word lookup is built in the constructor)."""
 
     def __init__(self, cfg: dict[str, Any], bad_words: list[str]):
         self.cfg = cfg
@@ -34,50 +55,48 @@ class C4Filter:
         self.bad_words = Blocklist(bad_words, 1, 0.0) if cfg["reject_bad_words"] else None
 
     def __call__(self, text: str, words: set[str] | list[str]) -> tuple[str, str | None]:
-        """Returns (cleaned text, None) to keep, or (text, reason) to reject; `words` are the
-        text's lowercased words (TextView.word_set), for the bad-word lookup."""
+        """Returns (cleaned text, None) to keep, or (text, reason) to reject. `words` are the
+        text's lowercased words (TextView.word_set); the bad-word rule uses them when cleaning
+        left the text unchanged, and the cleaned text's words otherwise."""
         cfg = self.cfg
-        lower_text = text.lower()
-        if cfg["reject_lorem_ipsum"] and "lorem ipsum" in lower_text:
-            return text, "lorem_ipsum"
-        if cfg["reject_curly_brace"] and "{" in text:
-            return text, "curly_brace"
-        if self.bad_words is not None and self.bad_words.hits(words, lower_text):
-            return text, "bad_words"
+        # Whole-page substring checks first: most pages never need the per-line lookups. They
+        # look at the page without citation markers, as the line rules do ("java[1]script").
+        check_citation = "[" in text
+        lower_text = (_CITATION.sub("", text) if check_citation else text).lower()
+        check_lorem = cfg["reject_lorem_ipsum"] and "lorem ipsum" in lower_text
+        check_js = cfg["drop_javascript_lines"] and "javascript" in lower_text
+        check_brace = cfg["reject_curly_brace"] and "{" in text
+        check_policy = cfg["drop_policy_lines"] and any(p in lower_text for p in _POLICY)
+        max_word, min_words = cfg["max_word_length"], cfg["min_words_per_line"]
         kept: list[str] = []
         sentences = 0
-        changed = False
-        max_word = cfg["max_word_length"]
-        # Whole-page substring checks first: most pages never need the per-line lookups.
-        check_js = cfg["drop_javascript_lines"] and "javascript" in lower_text
-        check_policy = cfg["drop_policy_lines"] and any(p in lower_text for p in _POLICY)
-        for raw in text.split("\n"):
+        for raw in text.splitlines():
             line = raw.strip()
-            if not line:
-                kept.append("")
+            if len(line) > max_word and max(map(len, line.split()), default=0) > max_word:
                 continue
-            if "[" in line and _CITATION.search(line):
-                line = " ".join(_CITATION.sub("", line).split())
-                changed = True
+            if check_citation and "[" in line:
+                line = _CITATION.sub("", line)
+            if not line.endswith(self.end_marks) or line.endswith(_ELLIPSIS):
+                continue
+            if len(line.split(None, min_words)) < min_words:
+                continue
+            lower = line.lower() if (check_lorem or check_js or check_policy) else ""
+            if check_lorem and "lorem ipsum" in lower:
+                return text, "lorem_ipsum"
+            if check_js and "javascript" in lower:
+                continue
+            if check_brace and "{" in line:
+                return text, "curly_brace"
+            if check_policy and any(p in lower for p in _POLICY):
+                continue
+            sentences += count_sentences(line)
             kept.append(line)
-            changed |= line != raw
-            if not line.endswith(self.end_marks) or line.endswith("..."):
-                kept[-1] = None
-                continue
-            min_words = cfg["min_words_per_line"]
-            if (
-                len(line.split(None, min_words)) < min_words
-                or (len(line) > max_word and max(map(len, line.split())) > max_word)
-                or (check_js and "javascript" in line.lower())
-                or (check_policy and any(p in line.lower() for p in _POLICY))
-            ):
-                kept[-1] = None
-                continue
-            # Sentence ends inside the line, plus the line's own end (it ends in a mark).
-            sentences += 1 + line.count(". ") + line.count("! ") + line.count("? ")
         if sentences < cfg["min_sentences"]:
             return text, "too_few_sentences"
-        if not changed and None not in kept:
-            return text, None
-        out = "\n".join(s for s in kept if s is not None)
-        return _BLANK_RUNS.sub("\n\n", out).strip(), None
+        out = "\n".join(kept).strip()
+        if self.bad_words is not None:
+            lower_out = out.lower()
+            out_words = words if out == text else TextView(out).word_set
+            if self.bad_words.hits(out_words, lower_out):
+                return text, "bad_words"
+        return out, None

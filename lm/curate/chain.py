@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from lm.curate.c4 import C4Filter
-from lm.curate.clean import clean_text, decode
+from lm.curate.clean import clean_text, decode_detail, text_problem
 from lm.curate.code_filters import code_quality
 from lm.curate.dedup import Decontaminator, MinHasher, eval_texts, exact_key
 from lm.curate.filters import fineweb_quality, gopher_quality, gopher_repetition
@@ -110,12 +110,19 @@ class DocumentProcessor:
                 if not text.strip():
                     return reject("decode", "empty")
             else:
-                text, reason = decode(raw)
+                text, reason, encoding = decode_detail(raw)
                 if reason:
                     return reject("decode", reason)
+                if encoding != "utf-8":
+                    doc["encoding"] = encoding
             doc["text"] = text
         elif not (doc.get("text") or "").strip():
             return reject("decode", "empty")
+        else:
+            reason = text_problem(doc["text"])
+            if reason:  # text from a container (JSON, Parquet): checked here as well as there
+                doc["text"] = ""
+                return reject("decode", reason)
         trace.append(("decode", len(doc["text"].encode("utf-8"))))
 
         is_code = doc["kind"] == "code"

@@ -2,6 +2,8 @@
 
 Decoding is strict: a file that is not valid UTF-8 (or looks binary) is rejected with a reason
 rather than decoded with replacement characters, so nothing garbled enters training data silently.
+The one exception is a whole document in a legacy encoding (cp1252, Shift-JIS...), which is
+detected (charset-normalizer) and decoded; corrupt UTF-8 is never "repaired" that way.
 Cleanup repairs mojibake (ftfy), NFC-normalizes, drops control characters, normalizes newlines
 and odd spaces, and for web pages removes boilerplate lines (cookie banners, share buttons...).
 Code keeps its indentation and inner spacing; prose gets runs of spaces collapsed.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 
 import ftfy
 
@@ -39,15 +42,104 @@ _FTFY_CONFIG = ftfy.TextFixerConfig(
 
 def decode(raw: bytes, binary_probe: int = 8192) -> tuple[str | None, str | None]:
     """(text, None), or (None, reason) for binary, invalid UTF-8 or empty input."""
-    if not raw or not raw.strip():
-        return None, "empty"
-    if b"\x00" in raw[:binary_probe]:
-        return None, "binary"
+    text, reason, _ = decode_detail(raw, binary_probe)
+    return text, reason
+
+
+# Legacy (non-UTF-8) decoding is tried only where the bytes look like a whole document in one
+# other encoding, not like UTF-8 with a few corrupt bytes: enough bytes for the detector to be
+# reliable, fewer valid UTF-8 sequences than invalid ones, and the high bytes spread over the text
+# (several runs between ASCII, or a large share). Corrupt UTF-8 stays an `invalid_utf8` reject.
+_LEGACY_MIN_BYTES = 64
+_LEGACY_MIN_RUNS = 3
+_LEGACY_MIN_HIGH_FRAC = 0.3
+_LEGACY_MAX_CHAOS = 0.1
+_HIGH_RUN = re.compile(rb"[\x80-\xff]+")
+
+
+def _legacy_decode(raw: bytes) -> tuple[str | None, str]:
+    """(text, encoding) of a document in a legacy encoding, or (None, "") when unsure."""
+    if len(raw) < _LEGACY_MIN_BYTES:
+        return None, ""
+    loose = raw.decode("utf-8", "replace")
+    invalid = loose.count("\ufffd")
+    if sum(ord(c) > 127 for c in loose) - invalid >= invalid:
+        return None, ""  # mostly valid UTF-8: this is corrupt UTF-8, not another encoding
+    runs = _HIGH_RUN.findall(raw)
+    high = sum(len(r) for r in runs)
+    if len(runs) < _LEGACY_MIN_RUNS and high < _LEGACY_MIN_HIGH_FRAC * len(raw):
+        return None, ""
     try:
-        text = raw.decode("utf-8-sig")
+        from charset_normalizer import from_bytes
+    except ImportError:  # not installed: the document stays an invalid_utf8 reject
+        return None, ""
+    matches = list(from_bytes(raw))
+    best = min(matches, key=lambda m: m.chaos, default=None)
+    if best is None or best.chaos > _LEGACY_MAX_CHAOS:
+        return None, ""
+    encoding = best.encoding
+    # Western code pages tie on plain Latin text; cp1252 is by far the most used (and what
+    # browsers read "latin-1" as), so it wins a tie.
+    if any(m.encoding == "cp1252" and m.chaos <= best.chaos + 0.01 for m in matches):
+        encoding = "cp1252"
+    if encoding.startswith(("utf", "ascii")):
+        return None, ""
+    try:
+        return raw.decode(encoding), encoding
+    except (UnicodeDecodeError, LookupError):
+        return None, ""
+
+
+def decode_detail(raw: bytes, binary_probe: int = 8192) -> tuple[str | None, str | None, str]:
+    """(text, None, encoding) or (None, reason, ""): UTF-8 first, then a detected legacy
+    encoding (cp1252, Shift-JIS, ...) when the whole document is clearly in one."""
+    if not raw or not raw.strip():
+        return None, "empty", ""
+    if b"\x00" in raw[:binary_probe]:
+        return None, "binary", ""
+    try:
+        return raw.decode("utf-8-sig"), None, "utf-8"
     except UnicodeDecodeError:
-        return None, "invalid_utf8"
-    return text, None
+        pass
+    text, encoding = _legacy_decode(raw)
+    if text is None:
+        return None, "invalid_utf8", ""
+    return text, None, encoding
+
+
+def text_problem(text: str) -> str | None:
+    """Why a decoded string (from JSON, Parquet, TFDS) cannot be a document, or None: a lone
+    surrogate cannot be written as UTF-8, and a NUL means binary data in a text field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "lone_surrogate"
+    if "\x00" in text:
+        return "binary"
+    return None
+
+
+def field_string(value: Any, name: str, allow_int: bool = False) -> tuple[str, str | None]:
+    """(string value, None) of an optional id/url field of a record (JSON, Parquet), or
+    ("", reject reason) for a wrong type or an unwritable string."""
+    if value is None or value == "":
+        return "", None
+    if isinstance(value, int) and allow_int and not isinstance(value, bool):
+        return str(value), None
+    if not isinstance(value, str):
+        return "", f"invalid_field_type:{name}"
+    return value, text_problem(value)
+
+
+def printable_name(name: str) -> str:
+    """A file name that is not valid UTF-8 (os.walk hands it over with surrogate escapes) as a
+    writable string: the bad bytes become `\\xNN`."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def remove_boilerplate(text: str, max_words: int) -> str:

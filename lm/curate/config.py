@@ -47,9 +47,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.langid = _group(
         enabled=True,
         languages="en",  # comma-separated ISO 639-1 codes to keep; "": keep every language
+        # Calibrated for langid.py's normalized scores (the best F1 on labelled samples, table
+        # in tests/test_curate_langid.py); fastText's 0.65 belongs to a different model.
         min_score=0.5,
         prefix_chars=1000,  # classify this prefix only (the cost is per byte)
     )
+    # Gopher: Rae et al. 2021, appendix A (quality rules A.1.1, repetition Table A1), the same
+    # values as datatrove 0.10.1's GopherQualityFilter / GopherRepetitionFilter defaults.
     c.gopher_quality = _group(
         enabled=True,
         min_words=50,
@@ -72,11 +76,13 @@ def default_config() -> ml_collections.ConfigDict:
         max_top_ngram_char_frac=(0.20, 0.18, 0.16),  # n = 2, 3, 4
         max_dup_ngram_char_frac=(0.15, 0.14, 0.13, 0.12, 0.11, 0.10),  # n = 5..10
     )
+    # C4: tensorflow_datasets/text/c4_utils.py (_END_MARKS, _MIN_WORDS_PER_LINE = 5,
+    # _MIN_NUM_SENTENCES = 3, _MAX_WORD_LENGTH = 1000); the rules' order is in lm/curate/c4.py.
     c.c4 = _group(
         enabled=True,
         end_marks=(".", "?", "!", '"'),
-        min_words_per_line=3,
-        min_sentences=5,
+        min_words_per_line=5,
+        min_sentences=3,
         max_word_length=1000,
         drop_javascript_lines=True,
         drop_policy_lines=True,
@@ -84,13 +90,15 @@ def default_config() -> ml_collections.ConfigDict:
         reject_curly_brace=True,
         reject_bad_words=True,  # the blocklist words (below) are C4's bad-word list
     )
+    # FineWeb: datatrove 0.10.1's FineWebQualityFilter defaults (line_punct_thr=0.12,
+    # short_line_thr=0.67, short_line_length=30, char_duplicates_ratio=0.01, new_line_ratio=0.3).
     c.fineweb = _group(
         enabled=True,
-        min_line_punct_frac=0.12,
-        max_short_line_frac=0.67,
+        min_line_punct_frac=0.12,  # reject below
+        max_short_line_frac=0.67,  # reject above
         short_line_chars=30,
-        max_dup_line_char_frac=0.1,
-        max_newline_word_ratio=0.3,  # list-like pages
+        max_dup_line_char_frac=0.01,  # reject above
+        max_newline_word_ratio=0.3,  # list-like pages: reject above
     )
     c.code = _group(
         enabled=True,
@@ -116,7 +124,9 @@ def default_config() -> ml_collections.ConfigDict:
         "phone,secret_assignment",
     )
     c.decontam = _group(enabled=True, eval_sets="", ngram=13)
-    c.dedup = _group(exact=True, near=True, bands=14, rows=8, ngram=5, seed=1)
+    # cc_rounds: large-star/small-star rounds of near-dedup's connected components
+    # (dedup_stages.py); a run whose labels still change after them fails loudly.
+    c.dedup = _group(exact=True, near=True, bands=14, rows=8, ngram=5, seed=1, cc_rounds=30)
     c.output = _group(
         format="array_record",  # array_record | tfrecord
         num_shards=4,
@@ -151,7 +161,7 @@ def validate(c: dict) -> None:
 
     need(c["output"]["num_shards"] >= 1, "--config.output.num_shards must be >= 1")
     need(c["output"]["format"] == "array_record", "--config.output.format must be array_record")
-    for key in ("bands", "rows", "ngram"):
+    for key in ("bands", "rows", "ngram", "cc_rounds"):
         need(c["dedup"][key] >= 1, f"--config.dedup.{key} must be >= 1")
     need(c["decontam"]["ngram"] >= 1, "--config.decontam.ngram must be >= 1")
     need(c["langid"]["prefix_chars"] >= 1, "--config.langid.prefix_chars must be >= 1")

@@ -1,12 +1,14 @@
-"""Deduplication and decontamination primitives (the Beam wiring lives in pipeline.py).
+"""Deduplication and decontamination primitives (the Beam stages live in dedup_stages.py).
 
 - Exact: a hash of the normalized text (lowercased, punctuation-free words) groups documents that
   differ only in case, spacing or punctuation.
 - Near: MinHash over word 5-grams with `bands x rows` locality-sensitive hashing (FineWeb's
   14 x 8 by default). The permutations are multiply-shift hashes over 64-bit shingle hashes,
   applied to all shingles and all permutations as one numpy broadcast.
-- Clusters: connected components of the candidate pairs (union-find); the smallest id is kept,
-  which is deterministic whatever order the runner delivers pairs in.
+- Clusters: connected components of the candidate pairs; the smallest id is kept, which is
+  deterministic whatever order the runner delivers pairs in. `connected_components` is the
+  in-memory union-find (the reference); `large_star` / `small_star` are the two per-node steps
+  that dedup_stages.py runs as shuffles so that no worker holds all pairs.
 - Decontamination: 13-gram hashes of registered evaluation sets; a document sharing any 13-gram
   with them is removed.
 """
@@ -93,6 +95,32 @@ def connected_components(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
                 ra, rb = rb, ra
             parent[rb] = ra
     return {x: find(x) for x in parent}
+
+
+def large_star(node: str, neighbors: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Large-star step (Kiveris et al. 2014) at `node`, given all its neighbours: every strictly
+    larger neighbour is re-linked to the smallest id of node's closed neighbourhood.
+
+    Edges come out as (larger, smaller). Connectivity is preserved: the edge from `node` to a
+    smaller neighbour m is re-emitted by the large-star of that neighbour."""
+    nbrs = set(neighbors)
+    low = min(min(nbrs), node) if nbrs else node
+    for v in nbrs:
+        if v > node:
+            yield v, low
+
+
+def small_star(node: str, smaller: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Small-star step (Kiveris et al. 2014) at `node`, given its smaller neighbours (at least
+    one): node and each smaller neighbour are linked to the smallest of them.
+
+    Edges come out as (larger, smaller); the self-loop of the smallest is dropped."""
+    nbrs = set(smaller)
+    low = min(nbrs)
+    for v in nbrs:
+        if v != low:
+            yield v, low
+    yield node, low
 
 
 # Evaluation sets: name -> function yielding texts. Paths in config are loaded directly.

@@ -2,8 +2,23 @@
 
 Each filter takes the shared `TextView` and its config group (a plain dict) and returns None to
 keep the document or a short reason string (`<rule>`) naming the rule that removed it; the reasons
-are what the report counts. Defaults are the published thresholds (Gopher Table A1; FineWeb's
-`FineWebQualityFilter`), every one overridable with `--config.<group>.<key>=value`.
+are what the report counts. Every threshold is a config default (lm/curate/config.py) and
+overridable with `--config.<group>.<key>=value`; the defaults and each comparison (`>` or `>=`)
+follow the references:
+- Gopher quality: Rae et al. 2021, appendix A.1.1, as in datatrove 0.10.1's `GopherQualityFilter`
+  (datatrove/pipeline/filters/gopher_quality_filter.py): 50..100,000 words, mean word length
+  3..10, at most 0.1 `#` per word and, separately, 0.1 ellipses per word, at most 90% of lines
+  starting with a bullet, 30% ending with an ellipsis, at least 80% of words with a letter, at
+  least 2 of the 8 stop words.
+- Gopher repetition: Table A1 (datatrove's `GopherRepetitionFilter`): duplicate line / paragraph
+  fraction 0.30, their character fractions 0.20, top 2/3/4-gram character fraction 0.20/0.18/0.16,
+  duplicate 5..10-gram character fraction 0.15..0.10.
+- FineWeb: datatrove 0.10.1's `FineWebQualityFilter` (fineweb_quality_filter.py) defaults, over
+  the non-empty lines: reject when under 12% of them end in a sentence terminal (. ! ? and their
+  other-script forms), when over 67% have at most 30 characters, when repeated lines hold over
+  1% of the page's non-newline characters, and when there are over 0.3 newlines per word.
+Words are whitespace-separated here where the references use NLTK's tokenizer (which also splits
+off punctuation); the thresholds are the same.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ from typing import Any
 
 from lm.curate.textstats import (
     TextView,
+    duplicate_chars,
     duplicate_fraction,
     duplicate_ngram_char_fraction,
     top_ngram_char_fraction,
@@ -24,7 +40,13 @@ from lm.curate.textstats import (
 _NOT_LETTER_BYTES = (string.digits + string.punctuation).encode("ascii")
 _BULLETS = ("-", "*", "•", "‣", "◦", "⁃", "●", "▪", "–", "—", "·")
 _ELLIPSES = ("...", "…")
-_TERMINAL = (".", "!", "?", '"', "'", "”", "’", ":", ";", "。", "！", "？")
+# FineWeb's `stop_chars` default is datatrove's TERMINAL_PUNCTUATION, Unicode's sentence
+# terminals: of ASCII only . ! ? (not quotes, colons or semicolons). These are its members for
+# the scripts langid names most often.
+_TERMINAL = (
+    ".", "!", "?", "。", "！", "？", "．", "｡", "‼", "‽", "⁇", "⁈", "⁉", "։", "؟", "۔",
+    "।", "॥", "።", "၊", "။", "។",
+)  # fmt: skip
 
 
 def _csv(value: str) -> list[str]:
@@ -46,8 +68,10 @@ def gopher_quality(view: TextView, cfg: dict[str, Any]) -> str | None:
     if mean_len > cfg["max_mean_word_length"]:
         return "mean_word_length_high"
     text = view.text
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    if symbols / n > cfg["max_symbol_word_ratio"]:
+    # "symbol-to-word ratio greater than 0.1 for either the hash symbol or the ellipsis"
+    if text.count("#") / n > cfg["max_symbol_word_ratio"]:
+        return "symbol_word_ratio"
+    if (text.count("...") + text.count("…")) / n > cfg["max_symbol_word_ratio"]:
         return "symbol_word_ratio"
     lines = view.nonempty_lines
     if lines:
@@ -101,19 +125,19 @@ def gopher_repetition(view: TextView, cfg: dict[str, Any]) -> str | None:
 def fineweb_quality(view: TextView, cfg: dict[str, Any]) -> str | None:
     """FineWeb's extra rules: too few lines ending in punctuation, too many short or repeated
     lines, and list-like pages (many newlines per word)."""
-    lines = view.nonempty_lines
+    lines = [s for s in view.lines if s.strip()]
     if not lines:
         return "no_lines"
+    text = view.text
     punct = sum(1 for s in lines if s.endswith(_TERMINAL))
     if punct / len(lines) < cfg["min_line_punct_frac"]:
         return "line_punct_frac"
     short = sum(1 for s in lines if len(s) <= cfg["short_line_chars"])
     if short / len(lines) > cfg["max_short_line_frac"]:
         return "short_line_frac"
-    _, dup_chars = duplicate_fraction(lines)
-    if dup_chars > cfg["max_dup_line_char_frac"]:
+    _, dup_chars = duplicate_chars(lines)
+    if dup_chars / max(len(text) - text.count("\n"), 1) > cfg["max_dup_line_char_frac"]:
         return "dup_line_char_frac"
-    words = max(len(view.words), 1)
-    if view.text.count("\n") / words > cfg["max_newline_word_ratio"]:
+    if text.count("\n") / max(len(view.words), 1) > cfg["max_newline_word_ratio"]:
         return "list_like"
     return None

@@ -5,9 +5,11 @@
     <output>/manifest.json                           sources, config hash, counts, shard files
     <output>/data_report.{md,json}, plots/*.png      the run report (report.py)
 
-Documents go to shard `xxh64(id) % num_shards` and are written sorted by id, so the files are the
-same whichever runner (or how many workers) produced them. ArrayRecord is written with
-`group_size:1` so readers (grain, seqio) can seek to any record.
+Documents go to shard `xxh64(id) % num_shards`, so the set of files, and the records in each, are
+the same whichever runner (or how many workers) produced them; within a shard records are in
+arrival order (`ShardWriter` streams them, never sorting a shard in memory). ArrayRecord is
+written with `group_size:1` so readers (grain, seqio) can seek to any record. `<output>` may be
+a local directory or `gs://...` (all I/O goes through `lm.storage`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 
 import xxhash
 
+from lm import storage
+
 KEPT_FIELDS = ("id", "source", "path", "url", "kind", "language", "lang_score", "pii", "text")
 DOCS_PREFIX = "documents"
 REJECTS_DIR = "rejects"
@@ -32,7 +36,10 @@ def shard_of(doc_id: str, num_shards: int) -> int:
 
 def kept_record(doc: dict[str, Any]) -> dict[str, Any]:
     """The stored form of a kept document: text plus the metadata a training task needs."""
-    return {k: doc.get(k) for k in KEPT_FIELDS}
+    record = {k: doc.get(k) for k in KEPT_FIELDS}
+    if doc.get("encoding"):  # decoded from a legacy encoding (clean.decode_detail)
+        record["encoding"] = doc["encoding"]
+    return record
 
 
 def reject_record(doc: dict[str, Any], text_chars: int) -> dict[str, Any]:
@@ -55,41 +62,95 @@ def reject_record(doc: dict[str, Any], text_chars: int) -> dict[str, Any]:
 
 
 def _is_local(path: str) -> bool:
-    return "://" not in path
+    return not storage.is_remote(path)
 
 
 def _publish(local_tmp: str, dest: str) -> None:
-    """Moves a finished local file into place (atomically when local, by copy otherwise)."""
+    """Moves a finished local file into place: atomically when local; when remote, one object
+    upload streamed in 1 MiB pieces (GCS makes the object visible only once complete)."""
     if _is_local(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
         os.replace(local_tmp, dest)
         return
-    from apache_beam.io.filesystems import FileSystems
-
-    with open(local_tmp, "rb") as src, FileSystems.create(dest) as dst:
-        shutil.copyfileobj(src, dst)
-    os.remove(local_tmp)
-
-
-def write_documents(path: str, records: Iterable[dict[str, Any]]) -> None:
-    """One ArrayRecord file of JSON-encoded documents."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    fd, tmp = tempfile.mkstemp(suffix=".array_record")
-    os.close(fd)
-    writer = ArrayRecordWriter(tmp, "group_size:1")
-    for record in records:
-        writer.write(json.dumps(record, ensure_ascii=False).encode("utf-8"))
-    writer.close()
-    _publish(tmp, path)
+    try:
+        with open(local_tmp, "rb") as src, storage.path(dest).open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    finally:
+        os.remove(local_tmp)
 
 
-def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".jsonl")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+class ShardWriter:
+    """Streams records into one shard (`documents` ArrayRecord or `rejects` JSONL) as they come.
+
+    Nothing is held per record: each is encoded and written to a local temporary file, which is
+    published when the shard is closed, so a worker's memory does not grow with shard size. The
+    order of records inside a shard is their arrival order; which shard a document goes to is a
+    function of its id alone (`shard_of`), so the set of files and their contents as sets are the
+    same under any runner."""
+
+    def __init__(self, path: str, kind: str):
+        self.path, self.kind, self.count = path, kind, 0
+        suffix = ".array_record" if kind == "documents" else ".jsonl"
+        local_dir = None  # a remote shard is staged in the system temp dir, then uploaded
+        if _is_local(path):  # staged next to its final name, so publishing is one rename
+            local_dir = os.path.dirname(os.path.abspath(path))
+            os.makedirs(local_dir, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(suffix=suffix, prefix=".tmp-shard-", dir=local_dir)
+        if kind == "documents":
+            from array_record.python.array_record_module import ArrayRecordWriter
+
+            os.close(fd)
+            self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
+            self._file = None
+        else:
+            self._writer = None
+            self._file = os.fdopen(fd, "wb")
+
+    def write(self, record: dict[str, Any]) -> None:
+        # `replace`: a lone surrogate that got past the readers' checks must not kill the shard.
+        data = json.dumps(record, ensure_ascii=False).encode("utf-8", "replace")
+        if self._writer is not None:
+            self._writer.write(data)
+        else:
+            self._file.write(data + b"\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._file.close()
+        _publish(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Drops the temporary file of a shard that failed half way (the bundle is retried)."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            else:
+                self._file.close()
+        finally:
+            if os.path.exists(self._tmp):
+                os.remove(self._tmp)
+
+
+def write_documents(path: str, records: Iterable[dict[str, Any]]) -> int:
+    """One ArrayRecord file of JSON-encoded documents, streamed; returns the record count."""
+    return _write_all(ShardWriter(path, "documents"), records)
+
+
+def write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> int:
+    return _write_all(ShardWriter(path, "rejects"), records)
+
+
+def _write_all(writer: ShardWriter, records: Iterable[dict[str, Any]]) -> int:
+    try:
         for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    _publish(tmp, path)
+            writer.write(record)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.count
 
 
 def shard_path(output_dir: str, kind: str, index: int, num_shards: int) -> str:
@@ -99,55 +160,35 @@ def shard_path(output_dir: str, kind: str, index: int, num_shards: int) -> str:
 
 
 def clear_previous(output_dir: str) -> None:
-    """Removes this stage's files from an earlier run into the same (local) directory, so the
-    manifest never lists stale shards. Other files are left alone."""
-    if not _is_local(output_dir) or not os.path.isdir(output_dir):
+    """Removes this stage's files from an earlier run into the same directory (local or a
+    bucket), so the manifest never lists stale shards. Other files are left alone."""
+    if not storage.isdir(output_dir):
         return
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith(DOCS_PREFIX + "-") or name in ("manifest.json", "_stats.json"):
-            os.remove(path)
-        elif name.startswith("data_report."):
-            os.remove(path)
-        elif name in (REJECTS_DIR, "plots") and os.path.isdir(path):
-            shutil.rmtree(path)
+    for name in storage.listdir(output_dir):
+        if name.startswith((DOCS_PREFIX + "-", "data_report.")) or name in (
+            "manifest.json",
+            "_stats.json",
+            REJECTS_DIR,
+            "plots",
+        ):
+            storage.remove(storage.join(output_dir, name))
 
 
 def write_bytes(path: str, data: bytes) -> None:
     """Writes a small file to a local or remote (gs://...) path."""
-    if _is_local(path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-        return
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.create(path) as f:
-        f.write(data)
+    storage.write_bytes(path, data)
 
 
 def remove(path: str) -> None:
-    if _is_local(path):
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    from apache_beam.io.filesystems import FileSystems
-
-    FileSystems.delete([path])
+    storage.remove(path)
 
 
 def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    storage.write_text(path, text)
 
 
 def read_text(path: str) -> str:
-    if _is_local(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(path) as f:
-        return f.read().decode("utf-8")
+    return storage.read_text(path)
 
 
 def read_manifest(output_dir: str) -> dict[str, Any]:
@@ -155,13 +196,13 @@ def read_manifest(output_dir: str) -> dict[str, Any]:
 
 
 def read_documents(output_dir: str) -> Iterator[dict[str, Any]]:
-    """Every kept document of a finished run, shard by shard (each shard sorted by id)."""
+    """Every kept document of a finished run, shard by shard (a gs:// shard is downloaded
+    first: ArrayRecord reads local files)."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     manifest = read_manifest(output_dir)
     for name in manifest["shards"]["documents"]:
-        path = f"{output_dir}/{name}"
-        reader = ArrayRecordReader(path)
+        reader = ArrayRecordReader(storage.local_copy(f"{output_dir}/{name}"))
         try:
             n = reader.num_records()
             for start in range(0, n, 1024):
@@ -175,6 +216,7 @@ def read_rejects(output_dir: str) -> Iterator[dict[str, Any]]:
     """Every removed document (step, reason, truncated text) of a finished run."""
     manifest = read_manifest(output_dir)
     for name in manifest["shards"]["rejects"]:
-        for line in read_text(f"{output_dir}/{name}").splitlines():
-            if line:
-                yield json.loads(line)
+        with storage.path(f"{output_dir}/{name}").open("rb") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)

@@ -1,11 +1,17 @@
 """The Beam graph: read -> per-document chain -> exact dedup -> near dedup -> shards + stats.
 
-The per-document work is one ParDo (chain.py). Both dedup stages need a global view and use
-shuffles, so they scale past one machine: exact dedup groups documents by normalized-text hash
-(GroupByKey); near dedup groups (band key, id) pairs by band key to find candidate pairs, finds
-connected components with union-find over the (much smaller) set of pairs, and joins the
-component roots back onto the documents with CoGroupByKey. Every removed document leaves through
-a tagged `rejected` output, so kept + rejected always accounts for every input.
+The per-document work is one ParDo (chain.py). Both dedup stages (dedup_stages.py) need a global
+view and use shuffles of ids only, so no worker holds all texts of a key or all candidate pairs:
+exact dedup groups (text hash, id) pairs and joins the decision back by id; near dedup finds
+connected components of the MinHash candidate pairs by large-star / small-star rounds (Kiveris et
+al. 2014), checked for convergence, and joins the component roots back onto the documents. Every
+removed document leaves through a tagged `rejected` output.
+
+Nothing is taken on trust: the read step emits each input's read log (what the reader counted as
+it read) and every document id it produced; the shard writers emit every id they wrote. A join by
+id (`Reconcile`) finds any document read but never written, written twice, or written without
+being read, and the driver fails the run if there is one (report.reconcile). Shards are written
+streaming (output.ShardWriter): a worker never holds a whole shard.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lm.curate import output, report
-from lm.curate.dedup import Decontaminator, bucket_pairs, connected_components, eval_texts
-from lm.curate.sources import read_input
+from lm.curate.dedup import Decontaminator, eval_texts
+from lm.curate.dedup_stages import ExactDedup, NearDedup
+from lm.curate.sources import new_read_log, read_input
 
 
 class ChainFn(beam.DoFn):
@@ -49,63 +56,60 @@ class ChainFn(beam.DoFn):
             yield doc
 
 
-def _size(doc: dict[str, Any]) -> int:
-    return doc["trace"][-1][1] if doc["trace"] else 0
+class ReadFn(beam.DoFn):
+    """Reads one input. Its documents go on; its read log leaves through the tagged `read_log`
+    output, counted by the reader itself rather than summed from the chain's summaries."""
+
+    def __init__(self, src: dict[str, Any]):
+        self.src = src
+
+    def process(self, item):
+        log = new_read_log(item[1])
+        yield from read_input(item, self.src, log)
+        yield beam.pvalue.TaggedOutput("read_log", log)
 
 
-class ExactDedupFn(beam.DoFn):
-    """Keeps the smallest id of each group of identical normalized texts."""
+class WriteShardFn(beam.DoFn):
+    """Streams one shard's documents to its file as they arrive (no sort, no list: memory does not
+    grow with the shard), emitting each written id on the tagged `written` output and, once the
+    file is in place, its name relative to the output directory."""
 
-    def process(self, kv):
-        _, docs = kv
-        docs = sorted(docs, key=lambda d: d["id"])
-        first = docs[0]
-        first["trace"].append(("exact_dedup", _size(first)))
-        yield first
-        if len(docs) > 1:
-            yield beam.pvalue.TaggedOutput("sizes", ("exact", len(docs)))
-        for dup in docs[1:]:
-            dup["rejected"] = ("exact_dedup", "exact_duplicate")
-            dup["detail"] = f"duplicate_of:{first['id']}"
-            yield beam.pvalue.TaggedOutput("rejected", dup)
-
-
-class NearDedupFn(beam.DoFn):
-    """Joins documents with their cluster root: only the root (smallest id) survives."""
+    def __init__(self, output_dir: str, kind: str, num_shards: int, text_chars: int):
+        self.output_dir, self.kind = output_dir, kind
+        self.num_shards, self.text_chars = num_shards, text_chars
 
     def process(self, kv):
-        doc_id, grouped = kv
-        roots = list(grouped["root"])
-        for doc in grouped["doc"]:
-            root = roots[0] if roots else doc_id
-            if root != doc_id:
-                doc["rejected"] = ("near_dedup", "near_duplicate")
-                doc["detail"] = f"cluster_of:{root}"
-                yield beam.pvalue.TaggedOutput("rejected", doc)
-            else:
-                doc["trace"].append(("near_dedup", _size(doc)))
-                yield doc
+        index, docs = kv
+        path = output.shard_path(self.output_dir, self.kind, index, self.num_shards)
+        writer = output.ShardWriter(path, self.kind)
+        try:
+            for d in docs:
+                if self.kind == "documents":
+                    writer.write(output.kept_record(d))
+                else:
+                    writer.write(output.reject_record(d, self.text_chars))
+                yield beam.pvalue.TaggedOutput("written", (d["id"], self.kind))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        yield path[len(self.output_dir) + 1 :]
 
 
-def _components(pairs: list[tuple[str, str]]):
-    return sorted(connected_components(pairs).items())
+def _sum_counts(values) -> tuple[int, int, int]:
+    """(times read, times written as kept, times written as rejected) of one id."""
+    r = k = j = 0
+    for a, b, c in values:
+        r, k, j = r + a, k + b, j + c
+    return r, k, j
 
 
-def _write_shard(kv, output_dir: str, kind: str, num_shards: int, text_chars: int):
-    index, docs = kv
-    docs = sorted(docs, key=lambda d: d["id"])
-    path = output.shard_path(output_dir, kind, index, num_shards)
-    if kind == "documents":
-        output.write_documents(path, (output.kept_record(d) for d in docs))
-    else:
-        output.write_jsonl(path, (output.reject_record(d, text_chars) for d in docs))
-    yield path[len(output_dir) + 1 :]
-
-
-def _write_stats(stats, clusters, files, output_dir: str):
+def _write_stats(stats, clusters, files, reads, ids, output_dir: str):
     shards = {"documents": sorted(f for f in files if not f.startswith(output.REJECTS_DIR))}
     shards["rejects"] = sorted(f for f in files if f.startswith(output.REJECTS_DIR))
-    blob = json.dumps({"stats": stats, "clusters": clusters, "shards": shards})
+    blob = json.dumps(
+        {"stats": stats, "clusters": clusters, "shards": shards, "read": reads, "ids": ids}
+    )
     output.write_text(f"{output_dir}/_stats.json", blob)
 
 
@@ -114,12 +118,14 @@ def build(
 ) -> None:
     """Adds the whole curation graph to `p`."""
     src, out, dd = cfg["source"], cfg["output"], cfg["dedup"]
-    docs = (
+    read = (
         p
         | "Inputs" >> beam.Create(inputs)
         | "SpreadInputs" >> beam.Reshuffle()
-        | "Read" >> beam.FlatMap(read_input, src)
+        | "Read" >> beam.ParDo(ReadFn(src)).with_outputs("read_log", main="docs")
     )
+    docs = read.docs
+    counted = [docs | "ReadIds" >> beam.Map(lambda d: (d["id"], (1, 0, 0)))]
     chain = docs | "Chain" >> beam.ParDo(ChainFn(cfg, decontam_index)).with_outputs(
         "rejected", main="kept"
     )
@@ -127,51 +133,42 @@ def build(
     rejected = [chain.rejected]
     sizes = []
     if dd["exact"]:
-        exact = (
-            kept
-            | "KeyByText" >> beam.Map(lambda d: (d["exact_key"], d))
-            | "GroupByText" >> beam.GroupByKey()
-            | "ExactDedup"
-            >> beam.ParDo(ExactDedupFn()).with_outputs("rejected", "sizes", main="kept")
-        )
-        kept = exact.kept
-        rejected.append(exact.rejected)
-        sizes.append(exact.sizes)
+        exact = kept | "ExactDedup" >> ExactDedup()
+        kept = exact["kept"]
+        rejected.append(exact["rejected"])
+        sizes.append(exact["sizes"])
     if dd["near"]:
-        roots = (
-            kept
-            | "BandKeys" >> beam.FlatMap(lambda d: [(k, d["id"]) for k in d["band_keys"]])
-            | "GroupByBand" >> beam.GroupByKey()
-            | "CandidatePairs" >> beam.FlatMap(lambda kv: bucket_pairs(kv[1]))
-            | "DistinctPairs" >> beam.Distinct()
-            | "AllPairs" >> beam.combiners.ToList()
-            | "UnionFind" >> beam.FlatMap(_components)
+        near = kept | "NearDedup" >> NearDedup(
+            rounds=dd["cc_rounds"], setting="--config.dedup.cc_rounds"
         )
-        sizes.append(
-            roots
-            | "RootCounts" >> beam.Map(lambda kv: (kv[1], 1))
-            | "ClusterSize" >> beam.CombinePerKey(sum)
-            | "NearSize" >> beam.Map(lambda kv: ("near", kv[1]))
-        )
-        near = (
-            {"doc": kept | "KeyById" >> beam.Map(lambda d: (d["id"], d)), "root": roots}
-            | "JoinRoots" >> beam.CoGroupByKey()
-            | "NearDedup" >> beam.ParDo(NearDedupFn()).with_outputs("rejected", main="kept")
-        )
-        kept = near.kept
-        rejected.append(near.rejected)
+        kept = near["kept"]
+        rejected.append(near["rejected"])
+        sizes.append(near["sizes"])
     rejected = rejected | "AllRejected" >> beam.Flatten()
     n = out["num_shards"]
     files = []
-    for kind, pcoll in (("documents", kept), ("rejects", rejected)):
-        files.append(
+    for kind, pcoll, flag in (("documents", kept, (0, 1, 0)), ("rejects", rejected, (0, 0, 1))):
+        written = (
             pcoll
             | f"Shard_{kind}" >> beam.Map(lambda d, n=n: (output.shard_of(d["id"], n), d))
             | f"Group_{kind}" >> beam.GroupByKey()
             | f"Write_{kind}"
-            >> beam.FlatMap(_write_shard, output_dir, kind, n, out["reject_text_chars"])
+            >> beam.ParDo(WriteShardFn(output_dir, kind, n, out["reject_text_chars"])).with_outputs(
+                "written", main="files"
+            )
+        )
+        files.append(written.files)
+        counted.append(
+            written.written | f"WrittenIds_{kind}" >> beam.Map(lambda kv, f=flag: (kv[0], f))
         )
     files = files | "AllFiles" >> beam.Flatten() | "FileList" >> beam.combiners.ToList()
+    ids = (
+        counted
+        | "AllIds" >> beam.Flatten()
+        | "CountPerId" >> beam.CombinePerKey(_sum_counts)
+        | "Reconcile" >> beam.CombineGlobally(report.ReconcileFn())
+    )
+    reads = read.read_log | "ReadTotals" >> beam.CombineGlobally(report.ReadTotalsFn())
     summaries = [
         kept | "SummarizeKept" >> beam.Map(report.summarize),
         rejected | "SummarizeRejected" >> beam.Map(report.summarize),
@@ -190,20 +187,30 @@ def build(
         _write_stats,
         beam.pvalue.AsSingleton(clusters),
         beam.pvalue.AsSingleton(files),
+        beam.pvalue.AsSingleton(reads),
+        beam.pvalue.AsSingleton(ids),
         output_dir,
     )
 
 
 def _local_runner(options: PipelineOptions):
-    """The FnApiRunner for `--runner=DirectRunner`; None (the named runner) otherwise.
+    """The runner object for `--runner=DirectRunner` and `--runner=DaskRunner`; None (Beam
+    resolves the named runner: Dataflow, Flink, Spark ...) otherwise.
 
     Beam 2.77's DirectRunner first tries Prism, which downloads a Go binary at run time: that
     fails offline and costs a network timeout. The FnApiRunner is the DirectRunner's own batch
     engine and honours --direct_running_mode (in_memory, multi_threading, multi_processing).
+    Beam's DaskRunner mixes a multi-output ParDo's outputs and recomputes side inputs inside
+    tasks; lm/curate/dask_runner.py is it with those fixed.
     """
     from apache_beam.options.pipeline_options import StandardOptions
 
-    if options.view_as(StandardOptions).runner not in ("DirectRunner", "SwitchingDirectRunner"):
+    runner = options.view_as(StandardOptions).runner
+    if runner in ("DaskRunner", "apache_beam.runners.dask.dask_runner.DaskRunner"):
+        from lm.curate.dask_runner import DaskRunner
+
+        return DaskRunner()
+    if runner not in ("DirectRunner", "SwitchingDirectRunner"):
         return None
     from apache_beam.runners.portability.fn_api_runner import fn_runner
 
@@ -211,7 +218,14 @@ def _local_runner(options: PipelineOptions):
 
 
 def run(cfg: dict[str, Any], inputs: list, output_dir: str, beam_args: list[str]) -> dict:
-    """Runs the pipeline to completion and returns the statistics the workers wrote."""
+    """Runs the pipeline to completion and returns the statistics the workers wrote.
+
+    Prints one progress line when the pipeline starts and one when it ends (stderr); what the
+    runner itself logs is the CLI's business (`--verbose`)."""
+    import sys
+
+    from apache_beam.options.pipeline_options import StandardOptions
+
     options = PipelineOptions(beam_args)
     start = time.time()
     # Eval-set n-grams are gathered here, on the driver, so sets registered in this process
@@ -219,9 +233,20 @@ def run(cfg: dict[str, Any], inputs: list, output_dir: str, beam_args: list[str]
     dd = cfg["decontam"]
     spec = dd["eval_sets"] if dd["enabled"] else ""
     index = Decontaminator(eval_texts(spec), dd["ngram"]).index
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    print(
+        f"lm data: curating {len(inputs):,} {cfg['source']['type']} inputs on {runner}",
+        file=sys.stderr,
+        flush=True,
+    )
     with beam.Pipeline(runner=_local_runner(options), options=options) as p:
         build(p, cfg, inputs, output_dir, index)
     result = json.loads(output.read_text(f"{output_dir}/_stats.json"))
     result["seconds"] = round(time.time() - start, 2)
     result["decontam_ngrams"] = int(len(index))
+    print(
+        f"lm data: pipeline finished in {result['seconds']:.1f}s; writing the report",
+        file=sys.stderr,
+        flush=True,
+    )
     return result

@@ -1,9 +1,13 @@
 """Run statistics (a Beam CombineFn, exact at any scale) and the rendered report.
 
 Every document, kept or removed, is reduced to a small summary (its per-step sizes, where it
-stopped and why, language, length); `StatsFn` merges those into counts. Examples of removed
-documents are the smallest ids per reason, so the report is the same under any runner. The driver
-then writes `data_report.json`, `data_report.md` and PNG histograms next to the data.
+stopped and why, language, length); `StatsFn` merges those into counts. Those counts are not
+what proves nothing was lost: `reconcile` checks them against two independent ones, the
+readers' own read logs (`ReadTotalsFn`) and a join of every id read with every id written
+(`ReconcileFn`), so a document dropped anywhere after the read is caught and named. Examples
+of removed documents are the smallest ids per reason, so the report is the same under any
+runner. The driver then writes `data_report.json`, `data_report.md` and PNG histograms next to
+the data.
 """
 
 from __future__ import annotations
@@ -148,10 +152,121 @@ class ClusterSizesFn(beam.CombineFn):
         return acc
 
 
-def check_reconciliation(stats: dict[str, Any]) -> bool:
-    """Inputs equal kept plus every removal reason: nothing was lost on the way."""
-    removed = sum(v[0] for v in stats["reasons"].values())
-    return stats["inputs"][0] == stats["kept"][0] + removed
+class ReadTotalsFn(beam.CombineFn):
+    """Sums the readers' read logs (sources.new_read_log): what was read, counted while reading."""
+
+    _SUMS = ("lines", "blank_lines", "records", "bytes", "skipped_records", "duplicate_ids")
+
+    def __init__(self, k: int = 5):
+        self.k = k
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {"inputs": 0, **{key: 0 for key in self._SUMS}, "errors": {}, "failed": []}
+
+    def add_input(self, acc, log):
+        acc["inputs"] += 1
+        for key in self._SUMS:
+            acc[key] += log[key]
+        if log["error"]:
+            _add(acc["errors"], log["error"], 1)
+            acc["failed"] = sorted(acc["failed"] + [[log["input"], log["error"]]])[: self.k]
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        out = self.create_accumulator()
+        for acc in accumulators:
+            out["inputs"] += acc["inputs"]
+            for key in self._SUMS:
+                out[key] += acc[key]
+            for k, v in acc["errors"].items():
+                _add(out["errors"], k, v)
+            out["failed"] = sorted(out["failed"] + acc["failed"])[: self.k]
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+# An id is fine when it was read once and written once (kept or rejected); anything else is one
+# of these problems.
+PROBLEMS = ("missing", "unexpected", "read_twice", "written_twice")
+
+
+class ReconcileFn(beam.CombineFn):
+    """(id, (times read, times kept, times rejected)) -> totals, and per problem the count and
+    the `k` smallest ids, so the report names them the same way under any runner."""
+
+    def __init__(self, k: int = 5):
+        self.k = k
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {"read": 0, "kept": 0, "rejected": 0, "problems": {p: [0, []] for p in PROBLEMS}}
+
+    def _note(self, acc, problem: str, doc_id: str) -> None:
+        entry = acc["problems"][problem]
+        entry[0] += 1
+        if len(entry[1]) < self.k or doc_id < entry[1][-1]:
+            entry[1] = sorted(entry[1] + [doc_id])[: self.k]
+
+    def add_input(self, acc, item):
+        doc_id, (r, k, j) = item
+        acc["read"] += r
+        acc["kept"] += k
+        acc["rejected"] += j
+        if r == 0:
+            self._note(acc, "unexpected", doc_id)
+        elif k + j == 0:
+            self._note(acc, "missing", doc_id)
+        if r > 1:
+            self._note(acc, "read_twice", doc_id)
+        if k + j > 1:
+            self._note(acc, "written_twice", doc_id)
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        out = self.create_accumulator()
+        for acc in accumulators:
+            for key in ("read", "kept", "rejected"):
+                out[key] += acc[key]
+            for p in PROBLEMS:
+                n, ids = acc["problems"][p]
+                out["problems"][p][0] += n
+                out["problems"][p][1] = sorted(out["problems"][p][1] + ids)[: self.k]
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def reconcile(stats: dict[str, Any], reads: dict[str, Any], ids: dict[str, Any]) -> dict:
+    """The run's accounting, from three independent counts: what the readers counted while
+    reading (`reads`), the ids read and written joined by id (`ids`), and the chain's per-document
+    summaries (`stats`). `ok` only if all agree and no id is missing, extra or doubled."""
+    checks = {
+        "every_id_read_once_written_once": all(n == 0 for n, _ in ids["problems"].values()),
+        "reader_counts_equal_ids_read": reads["records"] == ids["read"],
+        "written_equal_read": ids["kept"] + ids["rejected"] == reads["records"],
+        "summaries_agree": stats["inputs"][0] == reads["records"]
+        and stats["kept"][0] == ids["kept"]
+        and stats["inputs"][0] == stats["kept"][0] + sum(v[0] for v in stats["reasons"].values()),
+    }
+    return {"ok": all(checks.values()), "checks": checks, "read": reads, "ids": ids}
+
+
+def mismatch_message(rec: dict[str, Any], output_dir: str) -> str:
+    """One line saying what did not add up, for the DataError that fails the run."""
+    ids, reads = rec["ids"], rec["read"]
+    parts = [f"{p.replace('_', ' ')}: {n} (first: {', '.join(first)})"
+             for p, (n, first) in ids["problems"].items() if n]  # fmt: skip
+    if not parts:
+        failed = [k for k, ok in rec["checks"].items() if not ok]
+        parts = [f"failed checks {', '.join(failed)}"]
+    return (
+        f"reconciliation failed: {reads['records']:,} documents read, {ids['kept']:,} kept + "
+        f"{ids['rejected']:,} rejected written; "
+        + "; ".join(parts)
+        + f"; see {output_dir}/data_report.md"
+    )
 
 
 def _plot(path: str, title: str, labels: list[str], series: dict[str, list[int]]) -> None:
@@ -178,9 +293,13 @@ def _plot(path: str, title: str, labels: list[str], series: dict[str, list[int]]
     write_bytes(path, buf.getvalue())
 
 
-def write_report(output_dir: str, stats: dict, clusters: dict, meta: dict) -> dict[str, Any]:
-    """Writes data_report.json/.md and plots/*.png; returns the report."""
-    report = {**meta, "reconciled": check_reconciliation(stats), **stats, "clusters": clusters}
+def write_report(
+    output_dir: str, stats: dict, clusters: dict, meta: dict, reconciliation: dict
+) -> dict[str, Any]:
+    """Writes data_report.json/.md and plots/*.png; returns the report. `reconciliation` is
+    `reconcile(...)`'s result; the report is written whether or not it is ok."""
+    report = {**meta, "reconciled": reconciliation["ok"], **stats, "clusters": clusters}
+    report["reconciliation"] = reconciliation
     langs = sorted(report["languages_all"], key=lambda k: -report["languages_all"][k])[:25]
     _plot(
         f"{output_dir}/plots/languages.png",
@@ -206,6 +325,27 @@ def _pct(a: float, b: float) -> str:
     return f"{100.0 * a / b:.1f}%" if b else "-"
 
 
+def _reconciliation_lines(rec: dict[str, Any]) -> list[str]:
+    reads, ids = rec["read"], rec["ids"]
+    lines = [
+        "## Reconciliation",
+        "",
+        f"- read (counted by the readers): {reads['inputs']:,} inputs, {reads['records']:,} "
+        f"documents, {reads['lines']:,} lines/rows/records ({reads['blank_lines']:,} blank, "
+        f"{reads['skipped_records']:,} non-document WARC records), {reads['bytes']:,} bytes",
+        f"- written (counted by the shard writers): {ids['kept']:,} kept + {ids['rejected']:,} "
+        f"rejected = {ids['kept'] + ids['rejected']:,}",
+        f"- repeated input ids made unique: {reads['duplicate_ids']:,}",
+    ]
+    for reason, n in sorted(reads["errors"].items()):
+        lines.append(f"- inputs not read to the end, {reason}: {n:,}")
+    for problem, (n, first) in ids["problems"].items():
+        if n:
+            lines.append(f"- **{problem}: {n:,}** (first: {', '.join(f'`{i}`' for i in first)})")
+    lines += [f"- check {k}: {'ok' if ok else '**FAILED**'}" for k, ok in rec["checks"].items()]
+    return lines + [""]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     """The human-readable report."""
     n_in, b_in = r["inputs"]
@@ -217,9 +357,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         f"- documents: {n_in:,} in, {n_out:,} kept ({_pct(n_out, n_in)})",
         f"- bytes: {b_in:,} in, {b_out:,} kept ({_pct(b_out, b_in)})",
-        f"- reconciled (in = kept + removed): **{r['reconciled']}**",
+        f"- reconciled (read = kept + removed, by id): **{r['reconciled']}**",
         f"- config hash: `{r.get('config_hash', '')}`; runner: {r.get('runner', '')}",
         "",
+        *_reconciliation_lines(r["reconciliation"]),
         "## Per step",
         "",
         "| step | docs in | docs out | removed | bytes in | bytes out |",

@@ -1,26 +1,37 @@
 """Sources: where documents come from, as plain dicts the per-document chain understands.
 
-The driver expands the configured paths into a list of files (`expand_inputs`); Beam workers read
-each file (`read_input`), so reading scales with the number of files. A document carries raw
-bytes (decoded and checked by the chain's first step, so invalid UTF-8 and binary files are
-counted as rejects rather than crashing a reader) or text (JSONL, Parquet, TFDS), plus where it
-came from. Files over `max_doc_bytes` are never read: they become `oversized` rejects.
+The driver expands the configured paths into a list of inputs (inputs.py `expand_inputs`); Beam
+workers read each one (`read_input`), so reading scales with the number of files. Paths may be
+local or `gs://...`: everything goes through `lm.storage`, so a Dataflow job reads buckets. A
+document carries raw bytes (decoded and checked by the chain's first step, so invalid UTF-8 and
+binary files are counted as rejects rather than crashing a reader) or text (JSONL, Parquet, TFDS),
+plus where it came from.
+
+Nothing read is lost: every problem becomes a document with `reject = (step, reason)` - a bad
+line, a wrong field type, a truncated `.gz`, an unreadable file or directory, a symlink loop.
+Each reader also counts what it read (lines, records, bytes) into a read log, apart from the
+chain, and ids are made unique per input file; the pipeline reconciles those ids with what was
+written (report.py), so a loss anywhere after the read fails the run.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
+import errno
+import gzip
 import json
 import os
-import sysconfig
+import posixpath
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from lm.curate.code_filters import PROSE_EXTENSIONS, code_language
-from lm.errors import ConfigError
+import xxhash
 
-_CONTAINER_EXTENSIONS = {
+from lm import storage
+from lm.curate.clean import field_string, printable_name, text_problem
+from lm.curate.code_filters import PROSE_EXTENSIONS, code_language
+
+CONTAINER_EXTENSIONS = {
     "jsonl": (".jsonl", ".jsonl.gz", ".json"),
     "parquet": (".parquet",),
     "warc": (".warc", ".warc.gz", ".wet", ".wet.gz", ".arc", ".arc.gz"),
@@ -28,29 +39,8 @@ _CONTAINER_EXTENSIONS = {
 _HTML_EXTENSIONS = {"html", "htm", "xhtml"}
 
 
-def _globs(value: str) -> list[str]:
-    return [g.strip() for g in value.split(",") if g.strip()]
-
-
-def _matches(rel: str, patterns: list[str]) -> bool:
-    name = os.path.basename(rel)
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in patterns)
-
-
-def _walk(root: str, include: list[str], exclude: list[str]) -> list[tuple[str, str]]:
-    """(absolute path, path relative to root) of files under root, sorted for stable ids."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if include and not _matches(rel, include):
-                continue
-            if exclude and (_matches(rel, exclude) or _matches("/" + rel, exclude)):
-                continue
-            out.append((path, rel))
-    return out
+def _errno_name(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, type(e).__name__)
 
 
 def _tfds_data_dir(src: dict[str, Any]) -> str | None:
@@ -61,61 +51,10 @@ def _tfds_data_dir(src: dict[str, Any]) -> str | None:
     return src["tfds_data_dir"] or None
 
 
-def expand_inputs(src: dict[str, Any]) -> list[tuple[str, str]]:
-    """(path, relative name) pairs to read, or raises ConfigError for a missing input."""
-    kind = src["type"]
-    include, exclude = _globs(src["include"]), _globs(src["exclude"])
-    if kind == "tfds":
-        if not src["tfds_name"]:
-            raise ConfigError("source.type=tfds needs --config.source.tfds_name=NAME")
-        import tensorflow_datasets as tfds
-
-        try:
-            prepared = tfds.builder(src["tfds_name"], data_dir=_tfds_data_dir(src)).is_prepared()
-        except Exception as e:  # noqa: BLE001 - unknown name, bad version...: a user error
-            raise ConfigError(f"TFDS dataset {src['tfds_name']!r}: {e}".splitlines()[0]) from None
-        if not prepared:
-            raise ConfigError(
-                f"TFDS dataset {src['tfds_name']!r} is not prepared locally (no downloads here); "
-                "run tfds build for it first or point --config.source.tfds_data_dir at it"
-            )
-        return [(src["tfds_name"], src["tfds_name"])]
-    if kind == "stdlib":
-        roots = [sysconfig.get_paths()["stdlib"]]
-    else:
-        roots = [p.strip() for p in src["path"].split(",") if p.strip()]
-        if not roots:
-            raise ConfigError(f"source.type={kind} needs --config.source.path=PATH")
-    if kind not in ("stdlib", "dir", "text", *_CONTAINER_EXTENSIONS):
-        raise ConfigError(
-            f"unknown source.type {kind!r}; use stdlib, dir, text, jsonl, parquet, warc or tfds"
-        )
-    matches: list[str] = []
-    for root in roots:
-        hits = sorted(glob.glob(root)) if glob.has_magic(root) else [root]
-        if not hits or not all(os.path.exists(m) for m in hits):
-            raise ConfigError(f"input path not found: {root}")
-        matches += [os.path.abspath(m) for m in hits]
-    # Ids are paths relative to one base, so they stay unique across several roots: a single
-    # directory is its own base; otherwise the common parent of everything matched.
-    if len(matches) == 1 and os.path.isdir(matches[0]):
-        base = matches[0]
-    else:
-        base = os.path.commonpath([m if os.path.isdir(m) else os.path.dirname(m) for m in matches])
-        if len(matches) > 1 and all(os.path.isdir(m) for m in matches) and base in matches:
-            base = os.path.dirname(base)
-    found: list[tuple[str, str]] = []
-    for match in matches:
-        if os.path.isdir(match):
-            pats = include
-            if kind in _CONTAINER_EXTENSIONS:
-                pats = ["*" + e for e in _CONTAINER_EXTENSIONS[kind]]
-            found += [(p, os.path.relpath(p, base)) for p, _ in _walk(match, pats, exclude)]
-        else:
-            found.append((match, os.path.relpath(match, base)))
-    if src["max_documents"] and kind in ("stdlib", "dir", "text"):
-        found = found[: src["max_documents"]]
-    return found
+def new_read_log(rel: str) -> dict[str, Any]:
+    """What one reader read of one input, counted as it read (not from the documents it made)."""
+    return {"input": printable_name(rel), "lines": 0, "blank_lines": 0, "records": 0, "bytes": 0,
+            "skipped_records": 0, "duplicate_ids": 0, "error": ""}  # fmt: skip
 
 
 def _doc_kind(ext: str, forced: str) -> tuple[str, str]:
@@ -138,28 +77,45 @@ def _base(doc_id: str, source: str, path: str, ext: str, forced: str) -> dict[st
     )  # fmt: skip
 
 
-def _ext(path: str) -> str:
-    name = os.path.basename(path).lower()
+def _ext(path: str | bytes) -> str:
+    name = posixpath.basename(os.fsdecode(path)).lower()
     return name.rsplit(".", 1)[1] if "." in name else ""
 
 
-def read_file(path: str, rel: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _remote(path: str | bytes) -> bool:
+    return isinstance(path, str) and storage.is_remote(path)
+
+
+def _open(path: str | bytes):
+    """A binary file object for a local (str, or bytes for a name that is not UTF-8) or remote
+    path."""
+    return storage.path(path).open("rb") if _remote(path) else open(path, "rb")
+
+
+def _size(path: str | bytes) -> int:
+    return storage.path(path).stat().length if _remote(path) else os.path.getsize(path)
+
+
+def read_file(path: str, rel: str, src: dict[str, Any], log: dict | None = None) -> Iterator[dict]:
     """One document per text file; oversized and unreadable files become rejects."""
+    log = log if log is not None else new_read_log(rel)
     ext = _ext(path)
     doc = _base(f"{src['type']}/{rel}", src["type"], rel, ext, src["kind"])
     doc["html"] = doc["web"] = ext in _HTML_EXTENSIONS
     if doc["html"]:
         doc["kind"] = "prose"
     try:
-        size = os.path.getsize(path)
+        size = _size(path)
         doc["bytes_in"] = size
         if size > src["max_doc_bytes"]:
             doc["reject"] = ("decode", "oversized")
         else:
-            with open(path, "rb") as f:
+            with _open(path) as f:
                 doc["raw"] = f.read()
+            log["bytes"] += len(doc["raw"])
     except OSError as e:
-        doc["reject"] = ("decode", f"read_error:{type(e).__name__}")
+        doc["reject"] = ("decode", f"read_error:{_errno_name(e)}")
+        log["error"] = doc["reject"][1]
     yield doc
 
 
@@ -173,92 +129,136 @@ def _container_doc(src, rel, index, text, url, record_id, raw=None):
     return doc
 
 
-def read_jsonl(path: str, rel: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """One document per line; bad JSON, a missing text field or bad UTF-8 become rejects."""
-    import gzip
+def _record_doc(src, rel, index, text, rid, url, size) -> dict[str, Any]:
+    """The document of one JSONL line or Parquet row, or a reject saying what is wrong with it."""
+    rid, bad_id = field_string(rid, "id", allow_int=True)
+    url, bad_url = field_string(url, "url")
+    if text is None:
+        reason = "null_text"
+    elif not isinstance(text, str):
+        reason = "invalid_field_type:text"
+    else:
+        reason = bad_id or bad_url or text_problem(text)
+    if reason:
+        doc = _container_doc(src, rel, index, "", "", "" if bad_id else rid)
+        doc.update(reject=("decode", reason), bytes_in=size)
+        return doc
+    return _container_doc(src, rel, index, text, url, rid)
 
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+
+def read_jsonl(path: str, rel: str, src: dict[str, Any], log: dict | None = None) -> Iterator[dict]:
+    """One document per line; bad JSON, missing or mistyped fields, bad UTF-8 become rejects."""
+    log = log if log is not None else new_read_log(rel)
+    with _open(path) as raw_f:
+        f = gzip.GzipFile(fileobj=raw_f, mode="rb") if _ext(path) == "gz" else raw_f
         for i, line in enumerate(f):
             if src["max_documents"] and i >= src["max_documents"]:
                 return
+            log["lines"] += 1
+            log["bytes"] += len(line)
             if not line.strip():
+                log["blank_lines"] += 1
                 continue
             try:
                 record = json.loads(line.decode("utf-8"))
-                text = record[src["text_field"]]
-                if not isinstance(text, str):
-                    raise TypeError
             except UnicodeDecodeError:
                 doc = _container_doc(src, rel, i, "", "", "")
                 doc.update(reject=("decode", "invalid_utf8"), bytes_in=len(line))
                 yield doc
                 continue
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, RecursionError):
+                record = None
+            if not isinstance(record, dict) or src["text_field"] not in record:
                 doc = _container_doc(src, rel, i, "", "", "")
                 doc.update(reject=("decode", "invalid_record"), bytes_in=len(line))
                 yield doc
                 continue
-            rid = record.get(src["id_field"], "") if isinstance(record, dict) else ""
-            url = record.get(src["url_field"], "") or ""
-            yield _container_doc(src, rel, i, text, str(url), str(rid) if rid != "" else "")
+            yield _record_doc(
+                src, rel, i, record[src["text_field"]], record.get(src["id_field"]),
+                record.get(src["url_field"]), len(line),
+            )  # fmt: skip
 
 
-def read_parquet(path: str, rel: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def read_parquet(path: str, rel: str, src: dict[str, Any], log: dict | None = None) -> Iterator:
     """One document per row of the `text_field` column (plus id/url columns when present)."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    names = set(pf.schema_arrow.names)
-    if src["text_field"] not in names:
-        raise ValueError(f"{path}: no column {src['text_field']!r} (has {sorted(names)})")
-    cols = [c for c in (src["text_field"], src["id_field"], src["url_field"]) if c in names]
-    index = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=1024):
-        data = batch.to_pydict()
-        for j in range(batch.num_rows):
-            if src["max_documents"] and index >= src["max_documents"]:
-                return
-            text = data[src["text_field"]][j]
-            rid = data.get(src["id_field"], [""] * batch.num_rows)[j]
-            url = data.get(src["url_field"], [""] * batch.num_rows)[j]
-            if text is None:
-                doc = _container_doc(src, rel, index, "", "", str(rid or ""))
-                doc["reject"] = ("decode", "empty")
-            else:
-                doc = _container_doc(src, rel, index, text, str(url or ""), str(rid or ""))
-            yield doc
-            index += 1
+    log = log if log is not None else new_read_log(rel)
+    with _open(path) as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        if src["text_field"] not in names:
+            raise ValueError(f"{path}: no column {src['text_field']!r} (has {sorted(names)})")
+        cols = [c for c in (src["text_field"], src["id_field"], src["url_field"]) if c in names]
+        index = 0
+        for batch in pf.iter_batches(columns=cols, batch_size=1024):
+            data = batch.to_pydict()
+            none = [None] * batch.num_rows
+            for j in range(batch.num_rows):
+                if src["max_documents"] and index >= src["max_documents"]:
+                    return
+                text = data[src["text_field"]][j]
+                size = len(text.encode("utf-8", "replace")) if isinstance(text, str) else 0
+                log["lines"] += 1
+                log["bytes"] += size
+                rid, url = data.get(src["id_field"], none)[j], data.get(src["url_field"], none)[j]
+                yield _record_doc(src, rel, index, text, rid, url, size)
+                index += 1
 
 
-def read_warc(path: str, rel: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """HTML responses (text extracted later by the chain) and WET conversion records."""
+def _http_parts(block: bytes) -> tuple[str, bytes] | None:
+    """(Content-Type, payload) of an HTTP response block, or None if it has no header end."""
+    head, sep, payload = block.partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-type":
+            return value.strip().decode("latin-1"), payload
+    return "", payload
+
+
+def read_warc(path: str, rel: str, src: dict[str, Any], log: dict | None = None) -> Iterator[dict]:
+    """HTML responses (text extracted later by the chain) and WET conversion records; a
+    response that is not HTML, or a record cut short (a truncated file), is a reject."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
+    log = log if log is not None else new_read_log(rel)
     types = WarcRecordType.response | WarcRecordType.conversion | WarcRecordType.resource
-    records = ArchiveIterator(
-        path, record_types=types, parse_http=True, stream_detect=True, fsspec_args=False
-    )
-    for index, record in enumerate(records):
-        if src["max_documents"] and index >= src["max_documents"]:
-            return
-        url = record.headers.get("WARC-Target-URI", "") or ""
-        rid = (record.record_id or "").strip("<>").replace("urn:uuid:", "")
-        payload = record.reader.read()
-        doc = _container_doc(src, rel, index, "", url, rid, raw=payload)
-        doc["web"] = True
-        if record.record_type == WarcRecordType.response:
-            ctype = record.http_headers.get("Content-Type", "") if record.http_headers else ""
-            if ctype and "html" not in ctype.lower():
-                doc.update(reject=("decode", "not_html"), raw=None)
-            doc["html"] = True
-        yield doc
+    with _open(path) as f:
+        index = 0
+        for record in ArchiveIterator(f, parse_http=False, stream_detect=True):
+            log["lines"] += 1
+            if not record.record_type & types:
+                log["skipped_records"] += 1  # warcinfo, request, metadata: not documents
+                continue
+            if src["max_documents"] and index >= src["max_documents"]:
+                return
+            url = record.headers.get("WARC-Target-URI", "") or ""
+            rid = (record.record_id or "").strip("<>").replace("urn:uuid:", "")
+            block = record.reader.read()
+            log["bytes"] += len(block)
+            doc = _container_doc(src, rel, index, "", url, rid, raw=block)
+            doc["web"] = True
+            index += 1
+            if len(block) < record.content_length:
+                doc.update(reject=("decode", "truncated_record"), raw=None)
+            elif record.record_type == WarcRecordType.response:
+                parts = _http_parts(block)
+                if parts is None:
+                    doc.update(reject=("decode", "invalid_http"), raw=None)
+                elif parts[0] and "html" not in parts[0].lower():
+                    doc.update(reject=("decode", "not_html"), raw=None)
+                else:
+                    doc.update(raw=parts[1], html=True, bytes_in=len(parts[1]))
+            yield doc
 
 
-def read_tfds(name: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def read_tfds(name: str, src: dict[str, Any], log: dict | None = None) -> Iterator[dict]:
     """Documents from a locally prepared TFDS dataset's `text_field` feature."""
     import tensorflow_datasets as tfds
 
+    log = log if log is not None else new_read_log(name)
     split, data_dir = src["tfds_split"], _tfds_data_dir(src)
     ds = tfds.load(name, split=split, data_dir=data_dir, shuffle_files=False, download=False)
     for i, example in enumerate(tfds.as_numpy(ds)):
@@ -266,6 +266,8 @@ def read_tfds(name: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
             return
         value = example[src["text_field"]]
         raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+        log["lines"] += 1
+        log["bytes"] += len(raw)
         doc = _base(f"tfds/{name}/{src['tfds_split']}:{i:09d}", "tfds", name, "", src["kind"])
         if src["kind"] == "auto":
             doc["kind"] = "prose"
@@ -273,19 +275,64 @@ def read_tfds(name: str, src: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield doc
 
 
-def read_input(item: tuple[str, str], src: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Dispatches one expanded input to its reader; a reader failure becomes a reject."""
-    path, rel = item
+def _failure_reason(e: Exception) -> str:
+    """A short reject reason for an input that a reader could not finish."""
+    if isinstance(e, EOFError):
+        return "truncated"  # gzip: "Compressed file ended before the end-of-stream marker"
+    if isinstance(e, (gzip.BadGzipFile, zlib.error)):
+        return "corrupt_gzip"
+    if isinstance(e, OSError) and e.errno:
+        return f"read_error:{_errno_name(e)}"
+    return f"unreadable_container:{type(e).__name__}"
+
+
+def _make_unique(doc: dict[str, Any], seen: set[int], log: dict[str, Any]) -> None:
+    """Renames a document whose id this input already produced (a repeated record id): `#dupN`
+    with N its record number in the input; counted in the read log. Only 8-byte hashes are kept
+    per input, so a reader's memory grows slowly with the records of one file."""
+    doc["id"], doc["path"] = printable_name(doc["id"]), printable_name(doc["path"])
+    key = xxhash.xxh64_intdigest(doc["id"].encode("utf-8", "surrogatepass"))
+    if key in seen:
+        log["duplicate_ids"] += 1
+        doc["id"] = f"{doc['id']}#dup{log['records']}"
+        while (key := xxhash.xxh64_intdigest(doc["id"].encode("utf-8", "surrogatepass"))) in seen:
+            doc["id"] += "+"
+    seen.add(key)
+
+
+def read_input(item: tuple, src: dict[str, Any], log: dict | None = None) -> Iterator[dict]:
+    """Dispatches one expanded input to its reader; counts what it read into `log` (see
+    `new_read_log`). A reader failure becomes one more reject, after what it had read."""
+    path, rel = item[0], item[1]
+    log = log if log is not None else new_read_log(rel)
     kind = src["type"]
     readers = {"jsonl": read_jsonl, "parquet": read_parquet, "warc": read_warc}
+    seen: set[int] = set()
+    file_kind = kind in ("stdlib", "dir", "text")
     try:
+        if len(item) > 2:  # expand_inputs found it but cannot read it (a loop, a locked dir)
+            raise _Unreadable(item[2])
         if kind == "tfds":
-            yield from read_tfds(path, src)
+            docs = read_tfds(path, src, log)
         elif kind in readers:
-            yield from readers[kind](path, rel, src)
+            docs = readers[kind](path, rel, src, log)
         else:
-            yield from read_file(path, rel, src)
+            docs = read_file(path, rel, src, log)
+        for doc in docs:
+            _make_unique(doc, seen, log)
+            log["records"] += 1
+            yield doc
     except Exception as e:  # noqa: BLE001 - a corrupt container must not kill the run
-        doc = _base(f"{kind}/{rel}:unreadable", kind, rel, _ext(path), src["kind"])
-        doc["reject"] = ("decode", f"unreadable_container:{type(e).__name__}")
+        reason = str(e) if isinstance(e, _Unreadable) else _failure_reason(e)
+        log["error"] = reason
+        doc_id = f"{kind}/{rel}" if file_kind else f"{kind}/{rel}:unreadable"
+        doc = _base(doc_id, kind, rel, _ext(path), src["kind"])
+        doc["reject"] = ("decode", reason)
+        doc["detail"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        _make_unique(doc, seen, log)
+        log["records"] += 1
         yield doc
+
+
+class _Unreadable(Exception):
+    """An input `expand_inputs` already knew could not be read; the message is the reason."""

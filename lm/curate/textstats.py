@@ -124,20 +124,26 @@ class TextView:
         return np.fromiter(map(len, self.norm_words), dtype=np.int64, count=len(self.norm_words))
 
 
-def duplicate_fraction(items: list[str]) -> tuple[float, float]:
-    """(fraction of items that repeat an earlier one, fraction of characters in those items)."""
-    if not items:
-        return 0.0, 0.0
+def duplicate_chars(items: list[str]) -> tuple[int, int]:
+    """(items that repeat an earlier one, characters in those items): datatrove's
+    `find_duplicates`, which FineWeb divides by the page's own character count."""
     seen: set[str] = set()
-    dup_items = dup_chars = total_chars = 0
+    dup_items = dup_chars = 0
     for item in items:
-        total_chars += len(item)
         if item in seen:
             dup_items += 1
             dup_chars += len(item)
         else:
             seen.add(item)
-    return dup_items / len(items), dup_chars / max(total_chars, 1)
+    return dup_items, dup_chars
+
+
+def duplicate_fraction(items: list[str]) -> tuple[float, float]:
+    """(fraction of items that repeat an earlier one, fraction of characters in those items)."""
+    if not items:
+        return 0.0, 0.0
+    dup_items, dup_chars = duplicate_chars(items)
+    return dup_items / len(items), dup_chars / max(sum(map(len, items)), 1)
 
 
 def top_ngram_char_fraction(view: TextView, n: int) -> float:
