@@ -87,6 +87,7 @@ def test_job_flags_set_the_job_variables_and_bad_ones_are_one_line(monkeypatch, 
     assert distributed.job_from_env(env) == ("10.0.0.1:8476", 4, 3)
     for var in (distributed.COORDINATOR, distributed.NUM_PROCESSES, distributed.PROCESS_ID):
         monkeypatch.setenv(var, "")  # restored (unset) after the test; main sets them
+    monkeypatch.setattr(distributed, "_joined", False)  # an earlier test's train joined "alone"
     flags = ["--coordinator=127.0.0.1:1", "--num_processes=2", "--process_id=5"]
     assert main([*flags, "train", "--experiment=tiny", "--workdir=/tmp/never"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
