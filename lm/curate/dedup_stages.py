@@ -147,10 +147,9 @@ def _same_count(first: int, second: int) -> None:
         raise RuntimeError(f"grouped values changed between passes ({first} then {second})")
 
 
-def _star_pairs(kv) -> Iterator[tuple[str, str]]:
-    """One LSH bucket as a star around its smallest id (dedup.bucket_pairs without the sorted
-    copy: two passes over the grouped ids, which Beam lets a DoFn iterate more than once)."""
-    _, ids = kv
+def _around_min(ids) -> Iterator[tuple[str, str]]:
+    """(smallest id, other id) for every other id of one group: two passes over the grouped
+    ids (Beam lets a DoFn iterate them more than once), no sorted copy."""
     low, n = _min_count(ids)
     seen = 0
     for other in ids:
@@ -158,6 +157,11 @@ def _star_pairs(kv) -> Iterator[tuple[str, str]]:
         if other != low:
             yield low, other
     _same_count(n, seen)
+
+
+def _star_pairs(kv) -> Iterator[tuple[str, str]]:
+    """One LSH bucket as a star around its smallest id (dedup.bucket_pairs without the copy)."""
+    return _around_min(kv[1])
 
 
 def _band_keys(doc: dict[str, Any]) -> list[tuple[str, str]]:
@@ -218,14 +222,10 @@ class NearDedup(beam.PTransform):
 def _keeper(kv) -> Iterator[Any]:
     """All ids of one exact key -> (id, keeper) for each duplicate, plus ("exact", n) on the
     sizes output. Two passes over the grouped ids; none is copied."""
-    _, ids = kv
-    keeper, n = _min_count(ids)
-    seen = 0
-    for doc_id in ids:
-        seen += 1
-        if doc_id != keeper:
-            yield doc_id, keeper
-    _same_count(n, seen)
+    n = 1
+    for keeper, doc_id in _around_min(kv[1]):
+        n += 1
+        yield doc_id, keeper
     if n > 1:
         yield beam.pvalue.TaggedOutput("sizes", ("exact", n))
 
