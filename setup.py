@@ -37,6 +37,12 @@ setup(
         # gs:// for the storage layer (etils.epath's fsspec backend); brings google-crc32c,
         # which the TF-free TensorBoard writer uses.
         "gcsfs>=2024.6",
+        # Hugging Face interop (lm convert, tokenizer.json vocabularies) without transformers.
+        "safetensors>=0.4,<1",
+        "tokenizers>=0.20,<1",
+        # Quantized training (qwix) and grouped-matmul kernels (tokamax) where the backend has them.
+        "qwix>=0.1.8,<0.2",
+        "tokamax>=0.0.12,<0.1",
     ],
     extras_require={
         # ipython: the notebooks display with IPython.display (Colab has it; the notebook test too).
@@ -52,6 +58,10 @@ setup(
             "psutil>=5.9",
             # The DaskRunner test: a dask.distributed scheduler and workers on 127.0.0.1.
             "apache-beam[dask]==2.77.0",
+            # Parity tests against Hugging Face models built offline with random weights. The
+            # pinned torch is the CPU build on this machine's disk (a range would take CUDA's).
+            "torch==2.13.0",
+            "transformers>=5,<6",
         ],
         # `lm data run --runner=DaskRunner --dask_client_address=HOST:PORT` (lm/curate/cli.py).
         "dask": ["apache-beam[dask]==2.77.0"],

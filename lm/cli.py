@@ -1,4 +1,5 @@
-"""The `lm` command: experiments, tokenizer train, train, sample, data run, speedrun.
+"""The `lm` command: experiments, tokenizer train, train, sample, plan, convert, quantize, data
+run, speedrun.
 
 User mistakes (unknown experiment, bad override, missing file, bad data) print one line naming
 what to fix and exit with status 2; they never print a stack trace.
@@ -176,6 +177,19 @@ def cmd_plan(args, overrides) -> int:
     return 0
 
 
+def cmd_convert(args, _overrides) -> int:
+    from lm.convert.cli import run_convert
+
+    return run_convert(args)
+
+
+def cmd_quantize(args, _overrides) -> int:
+    from lm.quantize.weights import quantize_workdir
+
+    print(quantize_workdir(args.workdir, args.out, bits=args.bits, group_size=args.group_size))
+    return 0
+
+
 def cmd_data(args, rest) -> int:
     from lm.curate.cli import main as data_main
 
@@ -234,6 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_compile", action="store_true", help="skip the XLA:CPU memory compile")
     p.add_argument("--compile_timeout", type=float, default=180.0)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "convert",
+        help="Hugging Face checkpoints: --from_hf=DIR --workdir=W, or --workdir=W --to_hf=DIR",
+    )
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--from_hf", default="", help="a Hugging Face model directory to import")
+    p.add_argument("--to_hf", default="", help="a directory to export safetensors + config to")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="weight-only int8/int4 copy of a run's checkpoint")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="workdir for the quantized copy")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 4))
+    p.add_argument("--group_size", type=int, default=128, help="int4: weights per scale")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("data", help="data curation (`lm data run --pipeline=NAME --output=DIR`)")
     p.set_defaults(func=cmd_data)

@@ -55,6 +55,28 @@ def default_config() -> ml_collections.ConfigDict:
             attention="auto",
             causal=True,  # False: bidirectional attention (BERT-style masked LM)
             loss_chunk=0,  # >0: cross-entropy over chunks of this many positions (no full logits)
+            qkv_bias=False,  # bias on the q/k/v projections only (Qwen2), whatever use_bias says
+            # Attention pattern, cycled over layers: G global, L local (sliding window).
+            # "G": all global; "L": all local (Mistral); "LG": alternating (Gemma 2).
+            attention_pattern="G",
+            sliding_window=0,  # tokens a local layer sees, itself included; needs an L layer
+            attn_logit_softcap=0.0,  # >0: cap * tanh(logits / cap) on attention logits (Gemma 2)
+            final_logit_softcap=0.0,  # >0: the same on the output logits
+            # Mixture of experts (lm/models/layers/moe.py); num_experts 0 is a dense model.
+            num_experts=0,
+            experts_per_token=2,
+            num_shared_experts=0,  # always-on experts beside the routed ones (DeepSeekMoE)
+            moe_d_ff=0,  # hidden size of one expert; 0: d_ff
+            moe_every=1,  # every k-th layer is MoE (counting after moe_first_dense)
+            moe_first_dense=0,  # the first n layers stay dense
+            router="softmax",  # softmax (top-k of softmax) | sigmoid (scores + bias, DeepSeek-V3)
+            router_norm_topk=True,  # renormalize the k chosen gates to sum to 1 (Mixtral)
+            moe_dispatch="dropless",  # dropless (sorted + grouped matmul) | capacity (drops)
+            capacity_factor=1.25,  # capacity mode: slots per expert = factor * tokens * k / E
+            grouped_matmul="auto",  # auto | ragged_dot | tokamax (dropless kernel)
+            load_balance_weight=0.01,  # Switch Transformer load-balancing loss weight
+            router_z_weight=0.001,  # ST-MoE router z-loss weight
+            router_bias_rate=0.001,  # sigmoid router: bias step toward balanced load (aux-free)
         )
     )
 
@@ -148,10 +170,13 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             data=-1,  # -1: the devices the other axes leave
             fsdp=1,
+            expert=1,  # expert parallelism: experts sharded, tokens moved by all-to-all
             tensor=1,
             # Logical axis -> mesh axes. A logical name not listed here is replicated.
             rules=(
-                ("batch", ("data", "fsdp")),
+                # The expert axis is data-parallel outside the MoE layers.
+                ("batch", ("data", "fsdp", "expert")),
+                ("experts", "expert"),
                 ("vocab", "tensor"),
                 ("embed", "fsdp"),
                 ("mlp", "tensor"),
@@ -161,6 +186,15 @@ def default_config() -> ml_collections.ConfigDict:
                 ("seq", None),
                 ("layers", None),
             ),
+        )
+    )
+
+    c.quant = ml_collections.ConfigDict(
+        dict(
+            # Quantized training through qwix: none | int8 | fp8 (where the backend has it).
+            training="none",
+            # Module-path regexes quantized in training (qwix rules); others stay in full precision.
+            module_paths=".*",
         )
     )
     return c

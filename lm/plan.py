@@ -74,9 +74,9 @@ def analytic_memory_bytes(cfg, chips: int) -> float:
     from lm.sharding import mesh_shape
 
     m = _model_cfg(cfg)
-    data, fsdp, tensor = mesh_shape(cfg.mesh, chips)
-    state = 16.0 * flops.param_count(m) / (fsdp * tensor)
-    b = max(1.0, cfg.data.batch_size / (data * fsdp) / max(1, cfg.optim.grad_accum_steps))
+    data, fsdp, expert, tensor = mesh_shape(cfg.mesh, chips)
+    state = 16.0 * flops.param_count(m) / (fsdp * expert * tensor)
+    b = max(1.0, cfg.data.batch_size / (data * fsdp * expert) / max(1, cfg.optim.grad_accum_steps))
     s, h, a, layers = cfg.data.seq_len, m.d_model, m.num_heads, m.num_layers
     full_layer = s * b * h * (34 + 5 * a * s / h)
     if m.remat == "full":

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
@@ -31,10 +31,11 @@ _warned: set[tuple] = set()
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-    """Resolves the `-1` entry of (data, fsdp, tensor) so the product equals `num_devices`."""
-    sizes = [int(mesh_cfg[name]) for name in MESH_AXES]
+    """Resolves the `-1` entry of (data, fsdp, expert, tensor) so the product equals
+    `num_devices`. A config saved before an axis existed has it at 1."""
+    sizes = [int(mesh_cfg[name]) if name in mesh_cfg else 1 for name in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ConfigError("mesh: at most one of data/fsdp/tensor may be -1")
+        raise ConfigError("mesh: at most one of data/fsdp/expert/tensor may be -1")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if known <= 0 or num_devices % known:
@@ -42,14 +43,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ConfigError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {num_devices} devices; "
-            "set one axis to -1 to fill"
+            f"mesh: data*fsdp*expert*tensor = {math.prod(sizes)} but there are {num_devices} "
+            "devices; set one axis to -1 to fill"
         )
     return tuple(sizes)
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types, so `constrain` guides XLA's partitioner."""
+    """A (data, fsdp, expert, tensor) mesh with Auto axis types, so `constrain` guides XLA's
+    partitioner."""
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(mesh_cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

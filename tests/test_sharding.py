@@ -119,7 +119,7 @@ def test_scanned_layers_get_a_replicated_layer_axis():
 
 def test_mesh_shape_fills_minus_one_and_rejects_bad_products():
     cfg = get_config("tiny", ["--config.mesh.data=-1", "--config.mesh.tensor=2"])
-    assert sharding.mesh_shape(cfg.mesh, 8) == (4, 1, 2)
+    assert sharding.mesh_shape(cfg.mesh, 8) == (4, 1, 1, 2)
     cfg = get_config("tiny", ["--config.mesh.data=3"])
     with pytest.raises(ValueError, match="devices"):
         sharding.mesh_shape(cfg.mesh, 8)

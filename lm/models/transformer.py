@@ -56,6 +56,36 @@ class ModelConfig:
     attention: str
     causal: bool
     loss_chunk: int = 0
+    qkv_bias: bool = False
+    attention_pattern: str = "G"
+    sliding_window: int = 0
+    attn_logit_softcap: float = 0.0
+    final_logit_softcap: float = 0.0
+    num_experts: int = 0
+    experts_per_token: int = 2
+    num_shared_experts: int = 0
+    moe_d_ff: int = 0
+    moe_every: int = 1
+    moe_first_dense: int = 0
+    router: str = "softmax"
+    router_norm_topk: bool = True
+    moe_dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    grouped_matmul: str = "auto"
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+    router_bias_rate: float = 0.001
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` (0-based) has a mixture-of-experts MLP."""
+        if self.num_experts <= 0 or layer < self.moe_first_dense:
+            return False
+        return (layer - self.moe_first_dense) % self.moe_every == 0
+
+    def is_local_layer(self, layer: int) -> bool:
+        """Whether layer `layer` attends within a sliding window (its `attention_pattern` letter
+        is L) rather than to the whole context (G)."""
+        return self.attention_pattern[layer % len(self.attention_pattern)] == "L"
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int | None = None) -> ModelConfig:
@@ -89,7 +119,28 @@ class ModelConfig:
             )
         if values["loss_chunk"] < 0:
             raise ConfigError("model.loss_chunk must be >= 0 (0: no chunking)")
+        pattern = values["attention_pattern"]
+        if not pattern or set(pattern) - {"L", "G"}:
+            raise ConfigError(
+                f"model.attention_pattern must be letters L (local) and G (global), got {pattern!r}"
+            )
+        if "L" in pattern and values["sliding_window"] <= 0:
+            raise ConfigError("model.attention_pattern has local layers: set model.sliding_window")
+        values["moe_d_ff"] = values["moe_d_ff"] or values["d_ff"]
+        if values["num_experts"] > 0:
+            if not 0 < values["experts_per_token"] <= values["num_experts"]:
+                raise ConfigError("model.experts_per_token must be in 1..model.num_experts")
+            if values["moe_every"] < 1:
+                raise ConfigError("model.moe_every must be >= 1")
+            _check_choice(values, "router", ("softmax", "sigmoid"))
+            _check_choice(values, "moe_dispatch", ("dropless", "capacity"))
+            _check_choice(values, "grouped_matmul", ("auto", "ragged_dot", "tokamax"))
         return cls(**values)
+
+
+def _check_choice(values: dict, key: str, options: tuple[str, ...]) -> None:
+    if values[key] not in options:
+        raise ConfigError(f"model.{key} must be one of {', '.join(options)}, got {values[key]!r}")
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:

@@ -17,7 +17,7 @@ def restore_params(workdir: str, step: int | None = None):
     whatever mesh trained it. Every process of a pod must call it.
     """
     cfg = load_run_config(workdir)
-    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
     vocab = load_vocab(cfg.tokenizer.path, cfg.tokenizer.get("extra_ids", 0))
     model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
     trainer = Trainer(cfg, model_cfg, sharding.make_mesh(cfg.mesh))

@@ -15,10 +15,10 @@ from lm.errors import ConfigError
 
 def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
     """One-line ConfigErrors for settings that cannot train, before anything slow runs."""
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if cfg.data.batch_size % (batch_shards * cfg.optim.grad_accum_steps):
         raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} must divide by the data*fsdp mesh axes "
+            f"data.batch_size={cfg.data.batch_size} must divide by the data*fsdp*expert mesh axes "
             f"({batch_shards} devices) times optim.grad_accum_steps; change "
             "--config.data.batch_size or --config.mesh.*"
         )
