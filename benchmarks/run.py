@@ -73,11 +73,54 @@ def train_throughput(experiment: str, overrides: list[str], steps: int, workdir:
     }
 
 
+SECTIONS = {
+    "moe": ("Mixture of experts: moe_tiny dropless vs capacity vs dense", "bench_moe", "moe_rows"),
+    "quant": (
+        "Weight-only quantization: size on disk and validation loss",
+        "bench_quant",
+        "quant_rows",
+    ),
+}
+
+
+def run_section(name: str) -> tuple[str, list[dict]]:
+    """(title, rows) of one extra section, each row a dict of column -> value."""
+    import importlib
+
+    if name not in SECTIONS:
+        raise SystemExit(f"--sections: unknown {name!r}; known: {', '.join(SECTIONS)}")
+    title, module, function = SECTIONS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = getattr(importlib.import_module(f"benchmarks.{module}"), function)(tmp)
+    for row in rows:
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    return title, rows
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    """Rows of dicts (same keys) as markdown table lines; floats with 4 significant digits."""
+    if not rows:
+        return ["(no rows)"]
+    keys = list(rows[0])
+
+    def cell(v):
+        return f"{v:,.4g}" if isinstance(v, float) else str(v)
+
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    out += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--skip_data", action="store_true")
+    parser.add_argument(
+        "--sections",
+        default="moe,quant",
+        help="comma-separated extra sections: moe (dropless vs capacity vs dense), quant (int8)",
+    )
     parser.add_argument("--only", default="", help="comma-separated training cases, e.g. char_tiny")
     args = parser.parse_args()
     only = set(filter(None, args.only.split(",")))
@@ -99,6 +142,9 @@ def main() -> int:
 
         data_result = bench_data.run()
         print(f"data: {json.dumps(data_result)}")
+    extra_sections = []
+    for section in filter(None, args.sections.split(",")):
+        extra_sections.append(run_section(section))
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}"
     lines = [
         "# Benchmarks",
@@ -114,6 +160,8 @@ def main() -> int:
         lines.append(f"| {name} | `{overrides}` | {r['median_tokens_per_s']:,.0f} | {r['steps']} |")
     if data_result:
         lines += ["", "## Data stage", "", "```json", json.dumps(data_result, indent=2), "```"]
+    for title, section_rows in extra_sections:
+        lines += ["", f"## {title}", "", *markdown_table(section_rows)]
     with open(args.out + ".latest", "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}.latest (copy the numbers you keep into {args.out})")

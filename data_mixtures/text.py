@@ -109,7 +109,14 @@ def register_text_task(data_cfg: ml_collections.ConfigDict, vocab_path: str) -> 
     name = task_name_for(data_cfg, vocab_path)
     if name in seqio.TaskRegistry.names():
         return name
-    vocab = seqio.SentencePieceVocabulary(vocab_path)
+    from lm.tokenizer.hf_vocab import is_hf_tokenizer
+
+    if is_hf_tokenizer(vocab_path):  # a Hugging Face tokenizer.json (an imported model's)
+        from lm.tokenizer.hf_seqio import HFSeqioVocabulary
+
+        vocab = HFSeqioVocabulary(vocab_path)
+    else:
+        vocab = seqio.SentencePieceVocabulary(vocab_path)
     seqio.TaskRegistry.add(
         name,
         source=_ShardedDocumentSource(data_cfg),

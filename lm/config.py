@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
             rope_theta=10000.0,
             norm="layernorm",  # layernorm | rmsnorm
             norm_eps=1e-5,
-            mlp="gelu",  # gelu | swiglu
+            mlp="gelu",  # gelu | swiglu | geglu
             use_bias=True,
             tie_embeddings=True,
             dropout=0.0,
@@ -73,10 +73,17 @@ def default_config() -> ml_collections.ConfigDict:
             router_norm_topk=True,  # renormalize the k chosen gates to sum to 1 (Mixtral)
             moe_dispatch="dropless",  # dropless (sorted + grouped matmul) | capacity (drops)
             capacity_factor=1.25,  # capacity mode: slots per expert = factor * tokens * k / E
-            grouped_matmul="auto",  # auto | ragged_dot | tokamax (dropless kernel)
+            # Dropless kernel: auto (tokamax on GPU/TPU, ragged_dot on CPU) | ragged_dot
+            # (jax.lax) | tokamax | tiled (tiles of one expert, per-tile weights: small CPU models)
+            grouped_matmul="auto",
             load_balance_weight=0.01,  # Switch Transformer load-balancing loss weight
             router_z_weight=0.001,  # ST-MoE router z-loss weight
             router_bias_rate=0.001,  # sigmoid router: bias step toward balanced load (aux-free)
+            # Weight-only quantization for inference, written by `lm quantize` (training needs 0):
+            # 8 | 4 bits per Dense/Embed weight, weight_group_size weights per scale (0: per
+            # output channel).
+            weight_bits=0,
+            weight_group_size=0,
         )
     )
 
@@ -248,8 +255,42 @@ def list_experiments() -> dict[str, str]:
 
 
 def load_experiment(name: str) -> ml_collections.ConfigDict:
-    """Imports `experiments/<name>.py` and returns its `get_config()`."""
+    """Imports `experiments/<name>.py` and returns its `get_config()`. A path (it has a `/`
+    or ends in .json) names a run instead: its workdir or its config.json, e.g. a workdir
+    `lm convert --from_hf` wrote, so `lm train --experiment=W --workdir=W` fine-tunes it."""
+    if "/" in name or name.endswith(".json"):
+        return load_run_experiment(name)
     return load_config(experiments, name, "experiment")
+
+
+def load_run_experiment(path: str) -> ml_collections.ConfigDict:
+    """A saved run config (`<path>/config.json`, or `path` itself) laid over `default_config()`,
+    so keys added since it was saved keep their defaults and every key is overridable."""
+    import json
+
+    from lm import storage
+
+    file = path if path.endswith(".json") else storage.join(path, "config.json")
+    if not storage.exists(file):
+        raise ConfigError(f"--experiment={path}: no run config at {file}")
+    cfg = default_config()
+    _lay_over(cfg, json.loads(storage.read_text(file)))
+    return cfg
+
+
+def _lay_over(cfg: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        current = cfg.get(key) if key in cfg else None
+        if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+            _lay_over(current, value)
+        elif key not in cfg:
+            cfg[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+        elif isinstance(current, tuple) and isinstance(value, list):
+            cfg[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        elif isinstance(current, float) and isinstance(value, int):
+            cfg[key] = float(value)
+        else:
+            cfg[key] = value
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -18,6 +18,7 @@ way, plus `prefix` for span corruption (data_mixtures/objectives.py).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import ml_collections
@@ -65,9 +66,12 @@ def _task_dataset(cfg, vocab, split: str, shard: int, count: int):
         ds = task.get_dataset(lengths, split=split, shuffle=False, shard_info=shard_info)
         ds = ds.map(lambda ex: {"targets": tf.cast(ex["targets"], tf.int32)})
         return split_to_pieces(ds, lengths, None)
-    vocab_path = getattr(vocab, "sentencepiece_model_file", None)
+    # A SentencePiece model, or a Hugging Face tokenizer.json (HFSeqioVocabulary).
+    vocab_path = getattr(vocab, "sentencepiece_model_file", None) or getattr(
+        vocab, "tokenizer_file", None
+    )
     if not vocab_path:
-        raise DataError("the data pipeline needs a seqio.SentencePieceVocabulary")
+        raise DataError("the data pipeline needs a SentencePiece or Hugging Face vocabulary")
     task = seqio.get_mixture_or_task(register_text_task(cfg.data, vocab_path))
     return task.get_dataset(lengths, split=split, shuffle=False, shard_info=shard_info)
 
@@ -94,15 +98,37 @@ def _ordered_by_difficulty(ds, difficulty: str):
 def _packed_dataset(cfg, vocab, ds, shard: int):
     """Packs pieces into rows of our feature names for the configured objective (the masked
     objectives draw their noise from the shuffle seed and the host shard)."""
+    start_id = getattr(vocab, "start_id", None)  # a Hugging Face tokenizer's BOS (or EOS)
     if cfg.data.objective == "lm":
-        converter = seqio.DecoderFeatureConverter(pack=True, bos_id=BOS_ID)
+        bos = BOS_ID if start_id is None else start_id
+        converter = seqio.DecoderFeatureConverter(pack=True, bos_id=bos)
         ds = converter(ds, {"targets": cfg.data.seq_len})
-        return ds.map(lambda ex: {k: ex[_CONVERTER_KEYS[k]] for k in FEATURES})
+        ds = ds.map(lambda ex: {k: ex[_CONVERTER_KEYS[k]] for k in FEATURES})
+        if start_id is not None:
+            ds = ds.map(functools.partial(_restore_zero_ids, zero=vocab.PACKING_ZERO))
+        return ds
+    if start_id is not None:
+        raise DataError(
+            f"data.objective={cfg.data.objective} needs a SentencePiece tokenizer (its "
+            "sentinel ids); a Hugging Face tokenizer packs the lm objective only"
+        )
     from data_mixtures.objectives import packed_objective_rows
 
     return packed_objective_rows(
         ds, cfg.data.objective, cfg.data.seq_len, vocab, cfg.data.shuffle_seed * 1009 + shard
     )
+
+
+def _restore_zero_ids(ex: dict, zero: int) -> dict:
+    """A Hugging Face vocabulary's id 0 went through packing as `zero` (see HFSeqioVocabulary,
+    since seqio packs 0 as padding); the packed row gets the real id back, and every position
+    of a segment is weighed."""
+    tf = tf_cpu_only()
+    out = dict(ex)
+    for key in ("inputs", "targets"):
+        out[key] = tf.where(ex[key] == zero, tf.zeros_like(ex[key]), ex[key])
+    out["weights"] = tf.cast(ex["segment_ids"] > 0, ex["weights"].dtype)
+    return out
 
 
 def build_rows(

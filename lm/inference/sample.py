@@ -1,8 +1,10 @@
 """Autoregressive sampling with a KV cache: temperature, top-k and top-p, one jit per shape.
 
 The prompt is right-padded to a power-of-two bucket and prefilled in one call; decoding then
-overwrites the cache from the real prompt length on. The causal mask (key position <= query
-position) means the padding written during prefill is never attended to.
+overwrites the cache from the real prompt length on. The padding goes in with segment id 0,
+which the cache does not store (a local layer's ring buffer would otherwise lose real prompt
+tokens to it), and the causal mask (key position <= query position) keeps anything stale
+from being attended to.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lm.models.transformer import ModelConfig
-from lm.tokenizer.vocab import BOS_ID, SentencePieceVocab
+from lm.tokenizer.vocab import SentencePieceVocab
 
 
 def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array) -> jax.Array:
@@ -61,7 +63,7 @@ def generate(
     batch, bucket = prompt.shape
     cache = model.init_cache(batch, bucket + max_new_tokens)
     positions = jnp.broadcast_to(jnp.arange(bucket, dtype=jnp.int32), (batch, bucket))
-    segments = jnp.ones_like(prompt)
+    segments = (positions < prompt_len).astype(jnp.int32)  # 0: padding, not cached
     logits, cache = model(prompt, positions, segments, cache, jnp.int32(0))
     last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
     key, sub = jax.random.split(key)
@@ -128,8 +130,10 @@ def generate_text(
     texts = []
     for p_index, text in enumerate(prompts):
         room = model_cfg.max_seq_len - max_new_tokens  # >= 1
-        # Training rows start every document with BOS; so does every prompt.
-        ids = [BOS_ID, *vocab.encode(text)]
+        # Training rows start every document with BOS; so does every prompt (if it has one).
+        ids = ([vocab.bos_id] if vocab.bos_id is not None else []) + vocab.encode(text)
+        if not ids:
+            raise ValueError(f"prompt {p_index} is empty and the vocabulary has no BOS token")
         ids = ids[len(ids) - room :] if len(ids) > room else ids
         bucket = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
         prompt = np.zeros((num_samples, bucket), np.int32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lm.models.layers.masks import soft_cap
 from lm.sharding import constrain
 
 
@@ -29,13 +30,15 @@ def chunked_cross_entropy(
     targets: jax.Array,
     weights: jax.Array,
     chunk: int,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Summed weighted cross-entropy of `hidden @ head` without materializing all logits.
 
     hidden [batch, seq, embed]; matrix [vocab, embed] (layout "ve", a tied embedding table) or
     [embed, vocab] ("ev"); targets/weights [batch, seq]. The sequence is split into chunks of
     `chunk` positions (the last one padded with zero weight), so the batch axis, and its
-    sharding, are kept in every chunk.
+    sharding, are kept in every chunk. `softcap` > 0 caps the logits, cap * tanh(x / cap),
+    as `Transformer.logits` does (Gemma 2's final soft cap).
     """
     batch, seq, embed = hidden.shape
     n = -(-seq // chunk)
@@ -56,6 +59,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def chunk_loss(matrix, h, t, w):
         logits = jnp.einsum(equation, h, matrix, preferred_element_type=jnp.float32)
+        logits = soft_cap(logits, softcap)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         return jnp.sum(token_losses(logits, t) * w)
 

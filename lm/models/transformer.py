@@ -17,8 +17,10 @@ from flax import nnx
 
 from lm.errors import ConfigError
 from lm.models.layers.attention import ATTENTION_IMPLEMENTATIONS, Attention, LayerCache
-from lm.models.layers.linear import Dense, Embed
+from lm.models.layers.linear import Dense, Embed, use_int_weights
+from lm.models.layers.masks import soft_cap
 from lm.models.layers.mlp import MLP
+from lm.models.layers.moe import MoE, dense_aux
 from lm.models.layers.norms import Norm
 from lm.sharding import constrain
 
@@ -75,6 +77,8 @@ class ModelConfig:
     load_balance_weight: float = 0.01
     router_z_weight: float = 0.001
     router_bias_rate: float = 0.001
+    weight_bits: int = 0  # 8 | 4: Dense/Embed weights held as ints + scales (`lm quantize`)
+    weight_group_size: int = 0  # weights per scale along the contraction axis; 0: per channel
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether layer `layer` (0-based) has a mixture-of-experts MLP."""
@@ -134,8 +138,26 @@ class ModelConfig:
                 raise ConfigError("model.moe_every must be >= 1")
             _check_choice(values, "router", ("softmax", "sigmoid"))
             _check_choice(values, "moe_dispatch", ("dropless", "capacity"))
-            _check_choice(values, "grouped_matmul", ("auto", "ragged_dot", "tokamax"))
+            _check_choice(values, "grouped_matmul", ("auto", "ragged_dot", "tokamax", "tiled"))
+            if values["scan_layers"]:
+                pattern = {_is_moe(values, i) for i in range(values["num_layers"])}
+                if len(pattern) > 1:
+                    raise ConfigError(
+                        "model.scan_layers needs every layer alike: with moe_first_dense / "
+                        "moe_every some layers are dense; set model.scan_layers=False"
+                    )
+        if values["weight_bits"] not in (0, 8, 4):
+            raise ConfigError(f"model.weight_bits must be 0, 8 or 4, got {values['weight_bits']}")
+        if values["weight_group_size"] < 0 or (
+            values["weight_group_size"] and not values["weight_bits"]
+        ):
+            raise ConfigError("model.weight_group_size must be >= 0 and needs model.weight_bits")
         return cls(**values)
+
+
+def _is_moe(values: dict, layer: int) -> bool:
+    first, every = values["moe_first_dense"], values["moe_every"]
+    return values["num_experts"] > 0 and layer >= first and (layer - first) % every == 0
 
 
 def _check_choice(values: dict, key: str, options: tuple[str, ...]) -> None:
@@ -152,17 +174,23 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)).
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    Layer `layer`'s `mlp` is a mixture of experts where `cfg.is_moe_layer(layer)`. The block
+    returns an aux dict beside (x, cache): the MoE layer's router losses and statistics
+    (lm/models/layers/moe.py), zeros for a dense layer of an MoE model, {} for a dense model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(
             cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
         )
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, layer, rngs=rngs)
         self.mlp_norm = Norm(
             cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
         )
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe_layer(layer) else MLP(cfg, rngs=rngs)
+        self.num_experts = cfg.num_experts
         self.dropout = cfg.dropout
 
     def __call__(
@@ -174,13 +202,20 @@ class Block(nnx.Module):
         cache_index: jax.Array | None,
         key: jax.Array | None,
         prefix: jax.Array | None = None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+        window: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerCache | None, dict[str, jax.Array]]:
         keys = (None, None) if key is None else tuple(jax.random.split(key))
-        h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, cache_index, prefix)
+        h, cache = self.attn(
+            self.attn_norm(x), positions, segment_ids, cache, cache_index, prefix, window
+        )
         x = constrain(x + dropout(h, self.dropout, keys[0]), ("batch", "seq", "embed"))
-        h = self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, MoE):
+            h, aux = self.mlp(self.mlp_norm(x))
+        else:
+            h = self.mlp(self.mlp_norm(x))
+            aux = dense_aux(self.num_experts) if self.num_experts > 0 else {}
         x = constrain(x + dropout(h, self.dropout, keys[1]), ("batch", "seq", "embed"))
-        return x, cache
+        return x, cache, aux
 
 
 class Transformer(nnx.Module):
@@ -214,11 +249,11 @@ class Transformer(nnx.Module):
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def make_blocks(rngs: nnx.Rngs) -> Block:
-                return Block(cfg, rngs=rngs)
+                return Block(cfg, cfg.moe_first_dense, rngs=rngs)  # all layers alike
 
             self.blocks = make_blocks(rngs)
         else:
-            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = Norm(
             cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
         )
@@ -235,6 +270,8 @@ class Transformer(nnx.Module):
                 param_dtype=cfg.param_dtype,
             )
         )
+        if cfg.weight_bits:  # weight-only int8/int4 slots, filled from a checkpoint
+            use_int_weights(self, cfg.weight_bits, cfg.weight_group_size)
 
     def __call__(
         self,
@@ -269,6 +306,24 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, Any]:
         """Like `__call__`, but returns the final-normed hidden states [batch, seq, embed]
         (compute dtype) instead of logits; `logits(hidden)` finishes the forward pass."""
+        x, cache, _ = self.hidden_and_aux(
+            tokens, positions, segment_ids, cache, cache_index, dropout_key, prefix
+        )
+        return x, cache
+
+    def hidden_and_aux(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: list[LayerCache] | LayerCache | None = None,
+        cache_index: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+        prefix: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+        """`hidden`'s (hidden states, cache) and the MoE aux of every layer, each value stacked
+        [layers, ...] (a scan output under `scan_layers`); {} for a dense model.
+        `lm.models.layers.moe.reduce_layers` averages it over the MoE layers."""
         cfg = self.cfg
         x = self.embed(tokens)
         if self.pos_embed is not None:
@@ -278,54 +333,81 @@ class Transformer(nnx.Module):
         if dropout_key is not None and cfg.dropout > 0:
             layer_keys = jax.random.split(jax.random.fold_in(dropout_key, 1), cfg.num_layers)
 
-        def run_block(block, x, layer_cache, key):
-            return block(x, positions, segment_ids, layer_cache, cache_index, key, prefix)
+        def run_block(block, x, layer_cache, key, window=None):
+            return block(x, positions, segment_ids, layer_cache, cache_index, key, prefix, window)
 
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[cfg.remat])
 
         if cfg.scan_layers:
+            # A mixed L/G pattern scans a per-layer window (0: global) beside the params.
+            windows = _scan_windows(cfg)
 
-            @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-            def scan_blocks(block, x, layer_cache, key):
-                return run_block(block, x, layer_cache, key)
+            @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+            def scan_blocks(block, x, layer_cache, key, window):
+                return run_block(block, x, layer_cache, key, window)
 
-            x, cache = scan_blocks(self.blocks, x, cache, layer_keys)
+            x, cache, aux = scan_blocks(self.blocks, x, cache, layer_keys, windows)
         else:
             new_cache = [] if cache is not None else None
+            layer_aux = []
             for i, block in enumerate(self.blocks):
                 layer_cache = cache[i] if cache is not None else None
                 key = layer_keys[i] if layer_keys is not None else None
-                x, layer_cache = run_block(block, x, layer_cache, key)
+                x, layer_cache, block_aux = run_block(block, x, layer_cache, key)
+                layer_aux.append(block_aux)
                 if new_cache is not None:
                     new_cache.append(layer_cache)
             cache = new_cache
-        return self.final_norm(x), cache
+            aux = jax.tree.map(lambda *a: jnp.stack(a), *layer_aux) if layer_aux else {}
+        return self.final_norm(x), cache, aux
 
     def head_matrix(self) -> tuple[jax.Array, str]:
         """The output projection as (matrix, layout): the tied `[vocab, embed]` embedding table
         ("ve") or the untied `[embed, vocab]` head kernel ("ev"), in the compute dtype."""
         if self.head is None:
-            return self.embed.embedding[...].astype(self.cfg.dtype), "ve"
-        return self.head.kernel[...].astype(self.cfg.dtype), "ev"
+            return self.embed.table().astype(self.cfg.dtype), "ve"
+        return self.head.weight().astype(self.cfg.dtype), "ev"
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final hidden states [batch, seq, embed] -> logits [batch, seq, vocab] in float32."""
         logits = self.embed.attend(x) if self.head is None else self.head(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+        logits = soft_cap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+        return constrain(logits, ("batch", "seq", "vocab"))
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Any:
-        """Zeroed KV cache for `batch` sequences of up to `max_len` tokens."""
+        """Empty KV cache for `batch` sequences of up to `max_len` tokens.
+
+        A global layer holds `max_len` slots; a local layer a ring buffer of
+        min(sliding_window, max_len) slots. Each layer also records the absolute position in
+        each slot ("pos", -1: empty). Under `scan_layers` the layers are stacked, so they share
+        one length: the ring length when every layer is local, else `max_len` for all (a mixed
+        pattern then masks its local layers' window over the full-length cache)."""
         cfg = self.cfg
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.dtype
+        local = [cfg.is_local_layer(i) for i in range(cfg.num_layers)]
+        ring = min(cfg.sliding_window, max_len)
+
+        def layer_cache(slots: int, lead: tuple = ()) -> LayerCache:
+            shape = (*lead, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+            return {
+                "k": jnp.zeros(shape, dtype),
+                "v": jnp.zeros(shape, dtype),
+                "pos": jnp.full((*lead, batch, slots), -1, jnp.int32),
+            }
+
         if cfg.scan_layers:
-            shape = (cfg.num_layers, *shape)
-            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        return [
-            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(cfg.num_layers)
-        ]
+            return layer_cache(ring if all(local) else max_len, (cfg.num_layers,))
+        return [layer_cache(ring if is_local else max_len) for is_local in local]
+
+
+def _scan_windows(cfg: ModelConfig) -> jax.Array | None:
+    """Per-layer sliding windows [num_layers] (0: global) for a layer scan over a mixed L/G
+    pattern; None when all layers are alike (the window is then static in the block)."""
+    local = [cfg.is_local_layer(i) for i in range(cfg.num_layers)]
+    if all(local) or not any(local):
+        return None
+    return jnp.asarray([cfg.sliding_window if x else 0 for x in local], jnp.int32)
 
 
 def param_count(state: nnx.State) -> int:

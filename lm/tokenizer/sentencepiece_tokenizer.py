@@ -136,8 +136,16 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
     """A seqio vocabulary for `path` (a .model file, or a directory holding spm.model).
 
     `extra_ids` appends that many ids after the SentencePiece pieces (T5's sentinels; the last
-    id is sentinel 0), as `tokenizer.extra_ids` asks for the masked objectives.
+    id is sentinel 0), as `tokenizer.extra_ids` asks for the masked objectives. A Hugging Face
+    tokenizer.json (or a directory holding one) gives an `HFSeqioVocabulary` instead.
     """
+    from lm.tokenizer.hf_vocab import is_hf_tokenizer
+
+    if is_hf_tokenizer(path):
+        from lm.tokenizer.hf_seqio import HFSeqioVocabulary
+
+        tf_cpu_only()
+        return HFSeqioVocabulary(path, extra_ids)
     if storage.isdir(path):
         path = storage.join(path, MODEL_NAME)
     if not storage.exists(path) or storage.isdir(path):

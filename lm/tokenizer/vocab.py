@@ -58,6 +58,11 @@ class SentencePieceVocab:
         return self._sp.DecodeIds(out)
 
 
-def load_vocab(path: str, extra_ids: int = 0) -> SentencePieceVocab:
-    """The TF-free vocabulary of `path` (a .model file, or a directory holding spm.model)."""
+def load_vocab(path: str, extra_ids: int = 0):
+    """The TF-free vocabulary of `path`: a SentencePiece .model file (or a directory holding
+    spm.model), or a Hugging Face tokenizer.json (or a directory holding one; `HFVocab`)."""
+    from lm.tokenizer.hf_vocab import HFVocab, is_hf_tokenizer
+
+    if is_hf_tokenizer(os.fspath(path)):
+        return HFVocab(os.fspath(path), extra_ids)
     return SentencePieceVocab(os.fspath(path), extra_ids)

@@ -58,6 +58,31 @@ def first_mismatch(saved: Any, expected: Any) -> str | None:
     return None
 
 
+def _params_only(tree: Any) -> bool:
+    """Whether a checkpoint tree is `{"params": ...}` alone (an `lm quantize` checkpoint)."""
+    names = list(_shapes(tree))
+    return bool(names) and all(n.startswith("params.") for n in names)
+
+
+def quantized_mismatch(saved: Any, expected: Any) -> str | None:
+    """The rest of a one-line error when a weight-quantized (params-only) checkpoint meets code
+    that wants a train state, or the reverse; None otherwise."""
+    saved_q, want_q = _params_only(saved), _params_only(expected)
+    if saved_q and not want_q:
+        return (
+            "is a weight-quantized inference checkpoint (`lm quantize`: int weights + scales, "
+            "no optimizer state); it cannot be trained, resumed or read with "
+            "model.weight_bits=0: sample or evaluate it with the config.json `lm quantize` "
+            "wrote beside it, and train from the original run in a new --workdir"
+        )
+    if want_q and not saved_q:
+        return (
+            "is a full-precision training checkpoint but the config has model.weight_bits > 0; "
+            "make a quantized copy with `lm quantize --workdir=RUN --out=NEW`"
+        )
+    return None
+
+
 class Checkpointer:
     """`<directory>/<step>/state` + per-host data states; keeps the newest `keep` checkpoints.
 
@@ -128,6 +153,9 @@ class Checkpointer:
         any other failure to read the metadata propagates (the checkpoint is unreadable)."""
         saved = self.manager.item_metadata(step)["state"]
         saved = getattr(saved, "tree", saved)
+        problem = quantized_mismatch(saved, abstract_state)
+        if problem:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} {problem}")
         problem = first_mismatch(saved, abstract_state)
         if problem:
             raise CheckpointError(

@@ -30,9 +30,23 @@ def _mlp_matrices(model_cfg: Any) -> int:
     mlp = str(model_cfg.mlp)
     if mlp == "gelu":
         return 2  # up [d_model, d_ff], down [d_ff, d_model]
-    if mlp == "swiglu":
+    if mlp in ("swiglu", "geglu"):
         return 3  # gate and up [d_model, d_ff], down [d_ff, d_model]
-    raise ValueError(f"unknown mlp {mlp!r}; expected gelu or swiglu")
+    raise ValueError(f"unknown mlp {mlp!r}; expected gelu, swiglu or geglu")
+
+
+def _moe(model_cfg: Any) -> tuple[int, int, int, int, int]:
+    """(MoE layers, experts E, experts per token k, shared experts, expert d_ff) with the
+    rules of ModelConfig.is_moe_layer (layer >= moe_first_dense, every moe_every-th)."""
+    experts = int(getattr(model_cfg, "num_experts", 0) or 0)
+    if experts <= 0:
+        return 0, 0, 0, 0, 0
+    first = int(getattr(model_cfg, "moe_first_dense", 0))
+    every = max(1, int(getattr(model_cfg, "moe_every", 1)))
+    layers = sum(1 for i in range(int(model_cfg.num_layers)) if i >= first and (i - first) % every == 0)
+    f = int(getattr(model_cfg, "moe_d_ff", 0) or 0) or int(model_cfg.d_ff)
+    k = int(getattr(model_cfg, "experts_per_token", 2))
+    return layers, experts, k, int(getattr(model_cfg, "num_shared_experts", 0)), f
 
 
 def matmul_param_count(model_cfg: Any) -> int:
@@ -40,12 +54,17 @@ def matmul_param_count(model_cfg: Any) -> int:
 
     This is the N of the PaLM 6N formula: the input embedding is a lookup (no FLOPs) and is
     excluded, but the LM head [d_model, vocab] is a real matmul and counts whether or not it is tied
-    to the embedding. Biases and norm scales are not matmuls and are excluded.
+    to the embedding. Biases and norm scales are not matmuls and are excluded. A mixture-of-experts
+    layer counts its *active* weights: the router [d, E], the k routed experts a token goes
+    through and the shared experts (the other E - k experts do no work for that token).
     """
     layers, d, h, kv, hd, d_ff, vocab = _dims(model_cfg)
+    moe_layers, experts, k, shared, f = _moe(model_cfg)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d  # q, k, v (GQA: kv heads), out
-    mlp = _mlp_matrices(model_cfg) * d * d_ff
-    return layers * (attn + mlp) + d * vocab
+    mats = _mlp_matrices(model_cfg)
+    mlp = mats * d * d_ff
+    moe = d * experts + (k + shared) * mats * d * f
+    return layers * attn + (layers - moe_layers) * mlp + moe_layers * moe + d * vocab
 
 
 def model_flops_per_token(model_cfg: Any, seq_len: int) -> float:
@@ -78,7 +97,11 @@ def param_count(model_cfg: Any) -> int:
       * per layer: 2 norms; q [d, H*Q], k and v [d, KV*Q], out [H*Q, d], each with a bias when
         use_bias; MLP gelu: up [d, d_ff] + down [d_ff, d]; swiglu: gate and up [d, d_ff] + down,
         biases when use_bias;
-      * a final norm; an untied LM head [d, vocab] (never a bias) when tie_embeddings is false.
+      * a final norm; an untied LM head [d, vocab] (never a bias) when tie_embeddings is false;
+      * a mixture-of-experts layer (lm/models/layers/moe.py) replaces the MLP by a router
+        [d, E] (+ a bias [E] for the sigmoid router), E experts of gate/up [d, moe_d_ff] and
+        down [moe_d_ff, d] (swiglu; gelu has no gate; experts have no biases) and shared
+        experts: one MLP of d_ff = num_shared_experts * moe_d_ff (biases when use_bias).
     A layernorm has a scale [d] and, when use_bias, a bias [d]; an rmsnorm only a scale.
     """
     layers, d, h, kv, hd, d_ff, vocab = _dims(model_cfg)
@@ -94,11 +117,25 @@ def param_count(model_cfg: Any) -> int:
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
     if use_bias:
         attn += h * hd + 2 * kv * hd + d
-    mlp = mlp_mats * d * d_ff
-    if use_bias:
-        mlp += (mlp_mats - 1) * d_ff + d
-    total += layers * (attn + mlp + 2 * norm_params)
+    def mlp_params(width: int) -> int:
+        return mlp_mats * d * width + ((mlp_mats - 1) * width + d if use_bias else 0)
+
+    moe_layers, experts, _, shared, f = _moe(model_cfg)
+    moe = d * experts + experts * mlp_mats * d * f + (mlp_params(shared * f) if shared else 0)
+    if str(getattr(model_cfg, "router", "softmax")) == "sigmoid":
+        moe += experts
+    total += layers * (attn + 2 * norm_params) + (layers - moe_layers) * mlp_params(d_ff)
+    total += moe_layers * moe
     total += norm_params  # final norm
     if not bool(model_cfg.tie_embeddings):
         total += d * vocab
     return total
+
+
+def active_param_count(model_cfg: Any) -> int:
+    """Parameters a token uses: `param_count` less the E - k routed experts it skips in every
+    mixture-of-experts layer (the convention of Mixtral's "12.9B active" and DeepSeekMoE's
+    "2.8B activated"). Equals `param_count` for a dense model."""
+    moe_layers, experts, k, _, f = _moe(model_cfg)
+    skipped = moe_layers * (experts - k) * _mlp_matrices(model_cfg) * int(model_cfg.d_model) * f
+    return param_count(model_cfg) - skipped

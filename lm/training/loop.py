@@ -39,7 +39,13 @@ from lm.training.guards import Preempted, SkipGuard, StopRequests
 from lm.training.peaks import mfu, peak_flops_per_device
 from lm.training.progress import ProgressLine
 from lm.training.restore import restore_params
-from lm.training.setup import load_run_config, save_config, steps_in_call, validate
+from lm.training.setup import (
+    load_run_config,
+    refuse_quantized_workdir,
+    save_config,
+    steps_in_call,
+    validate,
+)
 from lm.training.train_step import Trainer
 from lm.training.writers import MetricsWriter
 
@@ -69,6 +75,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) -> 
     primary = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
     validate(cfg, mesh)
+    refuse_quantized_workdir(workdir)
     # One host packs the data (and trains the tokenizer) apart while the others wait; then a
     # host that does not share its workdir with host 0 (a local disk) packs its own copy.
     if primary:
@@ -211,7 +218,7 @@ def _loop(cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, dat
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 # A group's metrics are [count]: log its last step, and how many it skipped.
                 fetched = jax.device_get(step_metrics)
-                values = {k: float(np.asarray(v).reshape(-1)[-1]) for k, v in fetched.items()}
+                values = {k: _last_step(v, count) for k, v in fetched.items()}
                 values["skipped"] = float(np.sum(fetched["skipped"]))
                 now = time.perf_counter()
                 dt = (now - t_last) / max(1, done - step_last)
@@ -264,6 +271,15 @@ def _loop(cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, dat
         params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
     )
     return state, summary
+
+
+def _last_step(value: Any, count: int) -> float | list[float]:
+    """The last step's value of a metric: a float, or a list for a vector metric (e.g.
+    moe/expert_load [E]); a group of `count` > 1 steps stacks every metric on a leading axis."""
+    a = np.asarray(value)
+    if count > 1:
+        a = a[-1]
+    return float(a) if a.ndim == 0 else [float(x) for x in a.reshape(-1)]
 
 
 def _resolved_model_cfg(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig):

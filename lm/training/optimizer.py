@@ -28,14 +28,20 @@ def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: nnx.State) -> nnx.State:
-    """True for matrices that get weight decay: projection kernels only.
+    """True for matrices that get weight decay: projection kernels and the MoE expert stacks.
 
     Norm scales, biases and embedding tables (token and position) are left undecayed, as in
-    GPT-2/3 and Llama training.
+    GPT-2/3 and Llama training, and so is the MoE `router_bias`. An expert stack is a Param held
+    directly as a MoE layer's `gate`/`up`/`down` ([E, ...], lm/models/layers/moe.py), where a
+    dense MLP's are Dense modules with a `kernel`.
     """
 
     def is_kernel(path, _) -> bool:
-        return any(getattr(k, "key", getattr(k, "name", None)) == "kernel" for k in path)
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        names = [n for n in names if n != "value"]
+        if "kernel" in names:
+            return True
+        return len(names) >= 2 and names[-2] == "mlp" and names[-1] in ("gate", "up", "down")
 
     return jax.tree_util.tree_map_with_path(is_kernel, params)
 

@@ -20,6 +20,8 @@ from lm.training.writers import read_metrics
 
 REPORT_FILE = "report.md"
 LOSS_CURVE_FILE = "loss_curve.png"
+EXPERT_LOAD_FILE = "expert_load.png"
+MOE_SCALARS = ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_entropy")
 VALIDATION_SPLITS = ("eval", "valid", "validation", "val")
 
 
@@ -147,6 +149,62 @@ def plot_loss_curve(records: list[dict]) -> bytes | None:
     return buf.getvalue()
 
 
+def last_expert_load(records: list[dict]) -> tuple[int, list[float]] | None:
+    """(step, per-expert load) of the last train record with `moe/expert_load` (the fraction of
+    token-to-expert assignments per expert, averaged over MoE layers); None for a dense run."""
+    found = None
+    for r in records:
+        load = r.get("moe/expert_load")
+        if r.get("split", "train") == "train" and isinstance(load, list) and load:
+            values = [_num(v) for v in load]
+            if all(v is not None for v in values) and isinstance(r.get("step"), int | float):
+                if found is None or int(r["step"]) >= found[0]:
+                    found = (int(r["step"]), values)
+    return found
+
+
+def plot_expert_load(records: list[dict]) -> bytes | None:
+    """PNG bytes of a bar chart of the last logged per-expert load, with the balanced level
+    1/E as a line, so routing collapse (a few tall bars) is visible at a glance."""
+    found = last_expert_load(records)
+    if found is None:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    step, load = found
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(len(load)), load, color="tab:blue")
+    ax.axhline(1.0 / len(load), color="tab:red", ls="--", lw=1, label="balanced (1/E)")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("fraction of assignments")
+    ax.set_title(f"expert load at step {step} (mean over MoE layers)")
+    if len(load) <= 32:
+        ax.set_xticks(range(len(load)))
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _moe_lines(workdir: str, records: list[dict]) -> list[str]:
+    """The report's expert-load section (chart + last MoE scalars); [] for a dense run."""
+    png = plot_expert_load(records)
+    if png is None:
+        return []
+    storage.write_bytes(storage.join(workdir, EXPERT_LOAD_FILE), png)
+    lines = ["## Expert load", "", f"![expert load]({EXPERT_LOAD_FILE})", ""]
+    lines += ["| metric (last train step) | value |", "|---|---|"]
+    for name in MOE_SCALARS:
+        series = _series(records, ("train",), f"moe/{name}")
+        lines.append(f"| moe/{name} | {_fmt(series[-1][1] if series else None, '.4g')} |")
+    return [*lines, ""]
+
+
 def _config_dict(config: Any) -> Any:
     if config is None:
         return {}
@@ -231,6 +289,7 @@ def write_report(
         lines += [f"![loss curve]({LOSS_CURVE_FILE})", ""]
     else:
         lines += ["_No loss metrics were logged._", ""]
+    lines += _moe_lines(workdir, records)
 
     lines += ["## Samples", ""]
     if samples:
@@ -252,4 +311,12 @@ def write_report(
     return path
 
 
-__all__ = ["LOSS_CURVE_FILE", "REPORT_FILE", "plot_loss_curve", "summarize", "write_report"]
+__all__ = [
+    "EXPERT_LOAD_FILE",
+    "LOSS_CURVE_FILE",
+    "REPORT_FILE",
+    "plot_expert_load",
+    "plot_loss_curve",
+    "summarize",
+    "write_report",
+]

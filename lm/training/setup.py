@@ -10,7 +10,8 @@ import ml_collections
 from lm import storage
 from lm.data.curriculum import Curriculum
 from lm.data.objective_names import validate_objective
-from lm.errors import ConfigError
+from lm.errors import CheckpointError, ConfigError
+from lm.quantize.training import check_quant_training
 
 
 def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
@@ -27,12 +28,27 @@ def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
             raise ConfigError(f"train.{key}={cfg.train[key]} must be >= 1")
     if cfg.train.profile_steps < 0:
         raise ConfigError(f"train.profile_steps={cfg.train.profile_steps} must be >= 0")
+    check_quant_training(cfg)
     objective = cfg.data.objective
     validate_objective(objective)
     if (objective == "mlm") == cfg.model.causal:
         raise ConfigError(
             "data.objective=mlm needs model.causal=False (bidirectional), and the other "
             "objectives need model.causal=True"
+        )
+
+
+def refuse_quantized_workdir(workdir: str) -> None:
+    """CheckpointError if `workdir` is an `lm quantize` output: training there would overwrite
+    its config and cannot resume from int weights without optimizer state."""
+    if not storage.exists(storage.join(workdir, "config.json")):
+        return
+    bits = load_run_config(workdir).model.get("weight_bits", 0)
+    if bits:
+        raise CheckpointError(
+            f"{workdir} holds a weight-quantized (int{bits}) inference checkpoint from "
+            "`lm quantize`; it cannot be trained or resumed: train in a new --workdir, or "
+            "resume the original full-precision run"
         )
 
 

@@ -19,8 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm import sharding
 from lm.data.grain_pipeline import batch_features
+from lm.models.layers import moe
 from lm.models.loss import chunked_cross_entropy
 from lm.models.transformer import ModelConfig, Transformer
+from lm.quantize.training import maybe_quantize_for_training
 from lm.training.optimizer import lr_schedule, make_optimizer, schedule_count
 
 
@@ -34,30 +36,48 @@ class TrainState:
     loss_ema: jax.Array  # float32 []: running mean of accepted losses, for the spike guard
 
 
-def abstract_model(model_cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
-    """Graph definition and shape-only params (with their `axes` metadata); allocates nothing."""
+def abstract_model(
+    model_cfg: ModelConfig, seed: int = 0, quant: Any = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only params (with their `axes` metadata); allocates nothing.
+
+    `quant` (the config's quant group): quant.training=int8|fp8 gives the qwix-wrapped model's
+    graphdef (lm/quantize/training.py), whose forward pass, wherever it is merged, runs
+    quantized matmuls; the params are unchanged."""
     model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    model = maybe_quantize_for_training(model, quant, model_cfg.loss_chunk)
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
 
 def loss_sums(
     graphdef: nnx.GraphDef, params: nnx.State, batch: dict, dropout_key: jax.Array | None
-) -> tuple[jax.Array, jax.Array]:
-    """Summed token cross-entropy (nats) and summed weights over a batch."""
+) -> tuple[jax.Array, jax.Array, dict]:
+    """Summed token cross-entropy (nats), summed weights, and the MoE aux of the forward pass
+    averaged over MoE layers (`moe.reduce_layers`; {} for a dense model)."""
     model = nnx.merge(graphdef, params)
     args = (batch["inputs"], batch["positions"], batch["segment_ids"], None, None, dropout_key)
     weights = batch["weights"].astype(jnp.float32)
     chunk = model.cfg.loss_chunk
+    aux: dict = {}
+    if model.cfg.num_experts > 0:
+        hidden, _, layer_aux = model.hidden_and_aux(*args, batch.get("prefix"))
+        aux = moe.reduce_layers(layer_aux)
+    elif chunk > 0:
+        hidden, _ = model.hidden(*args, batch.get("prefix"))
     if chunk > 0:
         # Logits one chunk of positions at a time, recomputed in the backward pass.
-        hidden, _ = model.hidden(*args, batch.get("prefix"))
         matrix, layout = model.head_matrix()
-        loss_sum = chunked_cross_entropy(hidden, matrix, layout, batch["targets"], weights, chunk)
-        return loss_sum, jnp.sum(weights)
-    logits, _ = model(*args, batch.get("prefix"))
+        loss_sum = chunked_cross_entropy(
+            hidden, matrix, layout, batch["targets"], weights, chunk, model.cfg.final_logit_softcap
+        )
+        return loss_sum, jnp.sum(weights), aux
+    if model.cfg.num_experts > 0:
+        logits = model.logits(hidden)
+    else:
+        logits, _ = model(*args, batch.get("prefix"))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(losses * weights), jnp.sum(weights)
+    return jnp.sum(losses * weights), jnp.sum(weights), aux
 
 
 class Trainer:
@@ -68,7 +88,7 @@ class Trainer:
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
         self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
-        self.graphdef, abstract_params = abstract_model(model_cfg, cfg.seed)
+        self.graphdef, abstract_params = abstract_model(model_cfg, cfg.seed, cfg.get("quant"))
         replicated = NamedSharding(mesh, PartitionSpec())
         param_shardings = sharding.state_shardings(abstract_params, mesh, self.rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
@@ -149,20 +169,24 @@ class Trainer:
             key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state.step)
 
         def summed_loss(params, b, k):
-            loss_sum, weight_sum = loss_sums(self.graphdef, params, b, k)
-            return loss_sum, (loss_sum, weight_sum)
+            # The optimized objective adds the weighted MoE aux losses (as a per-token mean,
+            # scaled like the summed cross-entropy); the reported loss stays cross-entropy.
+            loss_sum, weight_sum, aux = loss_sums(self.graphdef, params, b, k)
+            objective = loss_sum + weight_sum * moe.aux_penalty(aux, self.model_cfg)
+            return objective, (loss_sum, weight_sum, {n: v * weight_sum for n, v in aux.items()})
 
         # Gradients of the summed loss; dividing by the total weight afterwards makes the
         # accumulated update equal to the large-batch update.
         grad_fn = jax.grad(summed_loss, has_aux=True)
 
         def micro(carry, xs):
-            grads_acc, loss_acc, weight_acc = carry
+            grads_acc, loss_acc, weight_acc, aux_acc = carry
             mb, idx = xs
             mkey = None if key is None else jax.random.fold_in(key, idx)
-            grads, (loss_sum, weight_sum) = grad_fn(state.params, mb, mkey)
+            grads, (loss_sum, weight_sum, aux) = grad_fn(state.params, mb, mkey)
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum), None
+            aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
+            return (grads_acc, loss_acc + loss_sum, weight_acc + weight_sum, aux_acc), None
 
         if accum > 1:
             # Row r goes to micro-batch r % accum, so each device keeps its own rows.
@@ -171,16 +195,18 @@ class Trainer:
 
             micro_batches = {k: split(batch[k]) for k in self.batch_keys}
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+            aux_zeros = moe.aux_template(self.model_cfg)
+            carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux_zeros)
+            (grads, loss_sum, weight_sum, aux), _ = jax.lax.scan(
                 micro, carry, (micro_batches, jnp.arange(accum))
             )
         else:
-            grads, (loss_sum, weight_sum) = grad_fn(state.params, batch, key)
+            grads, (loss_sum, weight_sum, aux) = grad_fn(state.params, batch, key)
 
         denom = jnp.maximum(weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
+        aux = {n: v / denom for n, v in aux.items()}  # token-weighted mean over micro-batches
         grad_norm = optax.global_norm(grads)
 
         # Loss-spike / NaN guard: a bad update is skipped and the old params kept.
@@ -200,6 +226,11 @@ class Trainer:
         new_params, new_opt = jax.lax.cond(
             ok, update, lambda o: (o[0], o[1]), (state.params, state.opt_state, grads)
         )
+        mc = self.model_cfg
+        if aux and mc.router == "sigmoid" and mc.router_bias_rate > 0:
+            new_params = moe.update_router_bias(
+                state.params, new_params, aux["expert_load_per_layer"], mc.router_bias_rate, ok
+            )
         ema = jnp.where(state.loss_ema > 0, 0.98 * state.loss_ema + 0.02 * loss, loss)
         new_state = TrainState(
             step=state.step + 1,
@@ -214,10 +245,12 @@ class Trainer:
             "tokens": weight_sum,
             "skipped": (~ok).astype(jnp.float32),
         }
+        if aux:  # moe/expert_load is a vector [E]; the rest scalars
+            metrics.update({f"moe/{n}": aux[n] for n in (*moe.AUX_SCALARS, "expert_load")})
         return new_state, metrics
 
     def _eval(self, params: nnx.State, batch: dict) -> dict:
-        loss_sum, weight_sum = loss_sums(self.graphdef, params, batch, None)
+        loss_sum, weight_sum, _ = loss_sums(self.graphdef, params, batch, None)
         return {"loss_sum": loss_sum, "weight_sum": weight_sum}
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:

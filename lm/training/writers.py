@@ -42,9 +42,12 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def _json_value(v: Any) -> Any:
-    """Scalars (python, numpy, 0-d jax arrays) as JSON-able python values; NaN/inf kept as str."""
+    """Scalars (python, numpy, 0-d jax arrays) as JSON-able python values; NaN/inf kept as str.
+    A vector metric (a list, tuple or 1-d array, e.g. moe/expert_load) becomes a JSON list."""
     if isinstance(v, bool | int | str) or v is None:
         return v
+    if isinstance(v, list | tuple) or getattr(v, "ndim", 0) > 0:
+        return [_json_value(x) for x in list(v)]
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -109,7 +112,8 @@ class MetricsWriter:
         return writer
 
     def write(self, step: int, metrics: Mapping[str, Any], split: str = "train") -> None:
-        """Records `metrics` (scalars) at `step` under `split` ("train", "validation", ...)."""
+        """Records `metrics` at `step` under `split` ("train", "validation", ...). Values are
+        scalars or vectors; TensorBoard gets a vector as one scalar per entry, `<name>/<i>`."""
         if not self.is_primary:
             return
         record: dict[str, Any] = {"step": int(step), "split": split}
@@ -123,6 +127,11 @@ class MetricsWriter:
             scalars = {}
             for k, v in record.items():
                 if k in ("step", "split", "time"):
+                    continue
+                if isinstance(v, list):
+                    for i, x in enumerate(v):
+                        if isinstance(x, int | float) and not isinstance(x, bool):
+                            scalars[f"{k}/{i}"] = float(x)
                     continue
                 try:
                     scalars[k] = float(v)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from lm import sharding
 from lm.models.layers.linear import Dense
+from lm.models.layers.masks import cache_mask, segment_mask, soft_cap
 from lm.models.layers.rotary import apply_rotary
 from lm.sharding import constrain
 
@@ -36,14 +37,17 @@ def choose_attention(
     seq_len: int,
     decoding: bool = False,
     prefix: bool = False,
+    traced_window: bool = False,
+    softcap: bool = False,
 ) -> tuple[str, str]:
     """(implementation, reason for a fallback or "") for one attention call.
 
     `config` is model.attention; `backend` is jax.default_backend(). cuDNN flash attention
     needs a GPU, bf16/fp16 inputs and head_dim a multiple of 8 up to 128; splash attention
     needs a TPU, a sequence length that is a multiple of 128 and a mask it can build statically
-    (causal or full, with segment ids: not the prefix-LM mask, not a KV cache). Anything else
-    runs on xla (or the einsum path, which is xla's math laid out for CPU).
+    (causal, local or full, with segment ids: not the prefix-LM mask, not a KV cache, not a
+    per-layer window traced through a layer scan). cuDNN has no attention-logit soft cap.
+    Anything else runs on xla (or the einsum path, which is xla's math laid out for CPU).
     """
     if config not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"model.attention must be one of {ATTENTION_IMPLEMENTATIONS}: {config!r}")
@@ -58,6 +62,10 @@ def choose_attention(
             reason = f"cudnn needs head_dim a multiple of 8 <= 128, got {head_dim}"
         elif decoding:
             reason = "cudnn is not used with a KV cache (decode)"
+        elif softcap:
+            reason = "cudnn has no attention logit soft cap"
+        elif traced_window:
+            reason = "cudnn needs a static sliding window (scan_layers with a mixed pattern)"
     elif impl == "splash":
         if backend != "tpu":
             reason = f"splash needs a TPU, backend is {backend}"
@@ -65,6 +73,8 @@ def choose_attention(
             reason = f"splash needs seq_len a multiple of 128, got {seq_len}"
         elif decoding or prefix:
             reason = "splash cannot express the KV-cache or prefix-LM mask"
+        elif traced_window:
+            reason = "splash needs a static sliding window (scan_layers with a mixed pattern)"
     if reason:
         return "xla", reason
     return impl, ""
@@ -76,33 +86,15 @@ def _fallback_once(reason: str) -> None:
         log.warning("attention: %s; using xla instead", reason)
 
 
-# One layer's cache: {"k": [batch, max_len, kv_heads, head_dim], "v": same}.
+# One layer's cache: {"k": [batch, slots, kv_heads, head_dim], "v": same, "pos": [batch, slots]
+# int32 absolute position held in each slot, -1 when empty}. A global layer has max_len slots
+# (position p at slot p); a local layer's is a ring buffer of `sliding_window` slots (p % slots).
 LayerCache = dict[str, jax.Array]
 
 
-def segment_mask(
-    segment_ids: jax.Array, causal: bool = True, prefix: jax.Array | None = None
+def einsum_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, softcap: float = 0.0
 ) -> jax.Array:
-    """[batch, seq] segment ids -> [batch, 1, seq, seq] mask of allowed (query, key) pairs.
-
-    Packed rows hold several documents; a token attends only to tokens of its own document:
-    earlier ones when `causal`, all of them when not (bidirectional, for masked LM). `prefix`
-    [batch, seq] (1 on each segment's input part) makes a prefix-LM: positions inside the prefix
-    also see each other in both directions. Padding (segment 0) attends to padding, so no row is
-    fully masked.
-    """
-    allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        seq = segment_ids.shape[1]
-        visible = jnp.tril(jnp.ones((seq, seq), jnp.bool_))[None]
-        if prefix is not None:
-            both = (prefix[:, :, None] > 0) & (prefix[:, None, :] > 0)
-            visible = visible | both
-        allowed = allowed & visible
-    return allowed[:, None]
-
-
-def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(head_dim), masked) v as plain 4-D einsums; the CPU path.
 
     q [batch, seq, heads, head_dim], k/v [batch, kv_seq, kv_heads, head_dim], mask broadcastable
@@ -116,13 +108,15 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
       logits.
     Forward + backward of one char_tiny attention layer on a 2-core CPU: 2.6 ms with
     `jax.nn.dot_product_attention`, 1.8 ms with plain einsums, 1.3 ms like this (BENCHMARKS.md).
-    A row is never fully masked (`segment_mask`), so the sum is >= 1.
+    A row is never fully masked (`segment_mask`), so the sum is >= 1. `softcap` > 0 caps the
+    logits, cap * tanh(logits / cap), before the mask (Gemma 2).
     """
     group = q.shape[2] // k.shape[2]
     if group > 1:  # grouped-query: each K/V head serves `group` consecutive query heads
         k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = soft_cap(logits, softcap)
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
     # Softmax is shift-invariant, so the max needs no gradient.
     weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
@@ -134,22 +128,39 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 def cudnn_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal: bool
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal: bool, window: int = 0
 ) -> jax.Array:
     """cuDNN flash attention. The causal part is cuDNN's own (`is_causal`, which lets it skip
-    blocks); the packed-segment part of `mask` goes in as a mask (cuDNN applies it as a bias)."""
+    blocks), and so is a sliding window (`local_window_size` (window - 1, 0): key j visible from
+    query i when i - j <= window - 1); the packed-segment part of `mask` goes in as a mask (cuDNN
+    applies it as a bias)."""
+    local = (window - 1, 0) if window > 0 and causal else None
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=causal, implementation="cudnn"
+        q, k, v, mask=mask, is_causal=causal, local_window_size=local, implementation="cudnn"
     )
 
 
 @functools.cache
-def _splash_kernel(heads: int, seq: int, causal: bool, interpret: bool = False):
+def _splash_kernel(
+    heads: int,
+    seq: int,
+    causal: bool,
+    interpret: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
+):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    one = sa.CausalMask((seq, seq)) if causal else sa.FullMask((seq, seq))
+    if causal and window > 0:  # q - (window - 1) <= k <= q
+        one = sa.LocalMask((seq, seq), window_size=(window - 1, 0), offset=0)
+    else:
+        one = sa.CausalMask((seq, seq)) if causal else sa.FullMask((seq, seq))
     return sa.make_splash_mha(
-        sa.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1, interpret=interpret
+        sa.MultiHeadMask([one] * heads),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+        attn_logits_soft_cap=softcap if softcap > 0 else None,
     )
 
 
@@ -160,8 +171,11 @@ def splash_attention(
     segment_ids: jax.Array,
     causal: bool,
     interpret: bool = False,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """TPU splash attention (Pallas) with packed-segment ids; q/k/v [batch, seq, heads, dim].
+    `window` > 0: causal sliding window (LocalMask); `softcap` > 0: attention logit soft cap.
 
     The kernel is not auto-partitioned, so under a mesh it runs in a shard_map over the batch
     (and heads) shards of the activation-sharding rules. `interpret` runs the Pallas kernel in
@@ -174,7 +188,7 @@ def splash_attention(
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
     def local(q, k, v, seg):
-        kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret)
+        kernel = _splash_kernel(q.shape[2], q.shape[1], causal, interpret, window, softcap)
         qkv = [x.transpose(0, 2, 1, 3) for x in (q, k, v)]  # [batch, heads, seq, dim]
         out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
             *qkv, seg
@@ -192,29 +206,50 @@ def splash_attention(
     )(q, k, v, segment_ids)
 
 
-class Attention(nnx.Module):
-    """Multi-head attention; `num_kv_heads < num_heads` shares each K/V head across a group."""
+def _ring_write(cache: LayerCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> LayerCache:
+    """Writes new k/v [batch, seq, ...] with absolute positions `pos` [batch, seq] (-1: padding,
+    not written) into ring-buffer slots pos % slots; of several tokens for one slot (a prefill
+    longer than the buffer) the latest wins."""
+    slots = cache["k"].shape[1]
+    t = jnp.arange(k.shape[1])
+    hit = (pos[:, :, None] >= 0) & (pos[:, :, None] % slots == jnp.arange(slots))  # [b, seq, s]
+    best = jnp.max(jnp.where(hit, t[None, :, None], -1), axis=1)  # [batch, slots]
+    has, take = best >= 0, jnp.maximum(best, 0)
+    out = {}
+    for name, new in (("k", k), ("v", v)):
+        picked = jnp.take_along_axis(new, take[:, :, None, None], axis=1)
+        out[name] = jnp.where(has[:, :, None, None], picked.astype(cache[name].dtype), cache[name])
+    out["pos"] = jnp.where(has, jnp.take_along_axis(pos, take, axis=1), cache["pos"])
+    return out
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """Multi-head attention; `num_kv_heads < num_heads` shares each K/V head across a group.
+
+    Layer `layer` attends within `cfg.sliding_window` where `cfg.is_local_layer(layer)`; under
+    a layer scan with a mixed pattern the window comes in as a traced per-layer scalar instead.
+    """
+
+    def __init__(self, cfg, layer: int = 0, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        common = dict(
-            rngs=rngs, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-        )
-        self.q = Dense(
-            (d,), (n, h), ("embed", "heads", "head_dim"), init_std=cfg.init_std, **common
-        )
-        self.k = Dense(
-            (d,), (k, h), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, **common
-        )
-        self.v = Dense(
-            (d,), (k, h), ("embed", "kv_heads", "head_dim"), init_std=cfg.init_std, **common
-        )
+        common = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        qkv_bias = cfg.use_bias or getattr(cfg, "qkv_bias", False)  # Qwen2: q/k/v only
+
+        def dense(inputs, outputs, axes, std, bias=qkv_bias):
+            return Dense(inputs, outputs, axes, init_std=std, use_bias=bias, **common)
+
+        self.q = dense((d,), (n, h), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.k = dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.v = dense((d,), (k, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
         # GPT-2's scaled init of residual projections: std / sqrt(2 * num_layers).
         out_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-        self.o = Dense((n, h), (d,), ("heads", "head_dim", "embed"), init_std=out_std, **common)
+        self.o = dense((n, h), (d,), ("heads", "head_dim", "embed"), out_std, cfg.use_bias)
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.causal = cfg.causal
         self.implementation = cfg.attention
+        local = getattr(cfg, "is_local_layer", None)
+        self.window = int(cfg.sliding_window) if local is not None and local(layer) else 0
+        self.softcap = float(getattr(cfg, "attn_logit_softcap", 0.0) or 0.0)
 
     def __call__(
         self,
@@ -224,13 +259,18 @@ class Attention(nnx.Module):
         cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
         prefix: jax.Array | None = None,
+        window: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """x [batch, seq, embed] -> ([batch, seq, embed], updated cache or None).
 
-        With a cache, the `seq` new tokens are written at `cache_index` and attend to every
-        cached position at or before their own (prefill and one-token decode alike).
-        `prefix` [batch, seq] marks bidirectional prefix positions (see `segment_mask`).
+        With a cache, the `seq` new tokens (positions cache_index...; those with segment id 0
+        are padding: not stored) attend to every cached position at or before their own and
+        inside the window (prefill and one-token decode alike). `prefix` [batch, seq] marks
+        bidirectional prefix positions (see `segment_mask`). `window` (a traced scalar, 0:
+        global) overrides the layer's own window (a layer scan over a mixed pattern).
         """
+        win = self.window if window is None else window
+        static_window = isinstance(win, int)
         q = constrain(self.q(x), ("batch", "seq", "heads", "head_dim"))
         k = constrain(self.k(x), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(self.v(x), ("batch", "seq", "kv_heads", "head_dim"))
@@ -238,14 +278,25 @@ class Attention(nnx.Module):
             q = apply_rotary(q, positions, self.rope_theta)
             k = apply_rotary(k, positions, self.rope_theta)
         if cache is None:
-            mask = segment_mask(segment_ids, self.causal, prefix)
+            mask = segment_mask(segment_ids, self.causal, prefix, win if self.causal else 0)
         else:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
             query_pos = cache_index + jnp.arange(x.shape[1])
-            mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
+            new_pos = jnp.where(segment_ids > 0, query_pos[None], -1).astype(jnp.int32)
+            if static_window and win > 0:  # ring buffer: attend to [old slots; new tokens]
+                old_pos = jnp.where(cache["pos"] < cache_index, cache["pos"], -1)
+                key_pos = jnp.concatenate([old_pos, new_pos], axis=1)
+                mask = cache_mask(query_pos, key_pos, win)
+                new_cache = _ring_write(cache, k, v, new_pos)
+                k = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
+                v = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
+                cache = new_cache
+            else:  # full length: position p at slot p
+                start = (0, cache_index, 0, 0)
+                k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+                pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, cache_index))
+                cache = {"k": k, "v": v, "pos": pos}
+                mask = cache_mask(query_pos, pos, win)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         impl, reason = choose_attention(
             self.implementation,
@@ -255,18 +306,23 @@ class Attention(nnx.Module):
             seq_len=q.shape[1],
             decoding=cache is not None,
             prefix=prefix is not None,
+            traced_window=not static_window,
+            softcap=self.softcap > 0,
         )
         if reason:
             _fallback_once(reason)
-        if impl == "einsum":
-            out = einsum_attention(q, k, v, mask)
+        if impl == "einsum" or (impl == "xla" and self.softcap > 0):  # xla has no soft cap
+            out = einsum_attention(q, k, v, mask, self.softcap)
         elif impl == "cudnn":
-            if prefix is None:  # causal-ness by cuDNN, packing by the mask
-                out = cudnn_attention(q, k, v, segment_mask(segment_ids, False), self.causal)
+            if prefix is None:  # causal-ness and window by cuDNN, packing by the mask
+                seg = segment_mask(segment_ids, False)
+                out = cudnn_attention(q, k, v, seg, self.causal, win if self.causal else 0)
             else:
                 out = cudnn_attention(q, k, v, mask, False)
         elif impl == "splash":
-            out = splash_attention(q, k, v, segment_ids, self.causal)
+            out = splash_attention(
+                q, k, v, segment_ids, self.causal, window=win, softcap=self.softcap
+            )
         else:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))

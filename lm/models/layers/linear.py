@@ -1,4 +1,9 @@
-"""Projections whose kernels carry logical axis names, so sharding rules can place them."""
+"""Projections whose kernels carry logical axis names, so sharding rules can place them.
+
+With weight-only quantization (`use_int_weights`, model.weight_bits > 0) a Dense kernel or an
+Embed table is held as int8/int4 with a float32 `scale` Param and dequantized on the fly;
+activations stay float (lm/quantize/numerics.py has the layout).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.quantize.numerics import dequantize, group_count, int_dtype
+
 
 class Dense(nnx.Module):
     """y = x · kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
     The kernel has shape `in_shape + out_shape`, e.g. `[embed, heads, head_dim]` for a query
     projection, so tensor parallelism can shard heads without reshapes. Params stay in
-    `param_dtype`; the product is computed in `dtype`.
+    `param_dtype`; the product is computed in `dtype`. Quantized, `scale` is
+    `[groups, *out_shape]` (groups 1: one scale per output channel).
     """
 
     def __init__(
@@ -39,22 +47,52 @@ class Dense(nnx.Module):
         self.bias = (
             nnx.Param(jnp.zeros(self.out_shape, param_dtype), axes=out_axes) if use_bias else None
         )
+        self.scale = nnx.data(None)  # a Param once use_int_weights runs
         self.dtype = dtype
+
+    def to_int(self, bits: int, group_size: int) -> None:
+        """Swaps the float kernel for int slots of the same shape (and axes) plus scales;
+        `lm quantize` fills them. Works on stacked (scanned) kernels [layers, ...] too."""
+        shape = self.kernel.get_value().shape
+        axes = tuple(self.kernel.get_metadata().get("axes", ()))
+        lead = shape[: len(shape) - len(self.in_shape) - len(self.out_shape)]
+        groups = group_count(math.prod(self.in_shape), group_size)
+        out_axes = axes[len(self.in_shape) :]
+        self.kernel = nnx.Param(jnp.zeros(shape, int_dtype(bits)), axes=axes)
+        scale_shape = (*lead, groups, *self.out_shape)
+        self.scale = nnx.Param(jnp.ones(scale_shape, jnp.float32), axes=(None, *out_axes))
+
+    def weight(self) -> jax.Array:
+        """The kernel `[*in_shape, *out_shape]` in the compute dtype (dequantized if int)."""
+        if self.scale is None:
+            return self.kernel[...].astype(self.dtype)
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        scale = self.scale[...].reshape(-1, n_out)
+        w = dequantize(self.kernel[...].reshape(n_in, n_out), scale, 0, self.dtype)
+        return w.reshape(*self.in_shape, *self.out_shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # As one 2-D matmul [rows, in] @ [in, out]: its gradients are plain matmuls too, which
         # XLA's CPU backend runs ~30% faster than multi-axis contractions; free on TPU/GPU.
+        # Written as lax.dot_general rather than `@`: it is the op qwix intercepts for
+        # quantized training (jnp.matmul reaches it through a cached jit that qwix's patching
+        # misses); the same HLO dot either way.
         lead = x.shape[: x.ndim - len(self.in_shape)]
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        kernel = self.kernel[...].astype(self.dtype).reshape(n_in, n_out)
-        y = (x.astype(self.dtype).reshape(-1, n_in) @ kernel).reshape(*lead, *self.out_shape)
+        kernel = self.weight().reshape(n_in, n_out)
+        rows = x.astype(self.dtype).reshape(-1, n_in)
+        y = jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))
+        y = y.reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
 
 
 class Embed(nnx.Module):
-    """Token embedding table `[vocab, embed]`; `attend` reuses it as the tied output head."""
+    """Token embedding table `[vocab, embed]`; `attend` reuses it as the tied output head.
+
+    Quantized, `scale` is `[vocab, groups]`: each row's scales serve both the lookup and, as
+    the output head (contracting embed), the per-vocab-channel scales."""
 
     def __init__(
         self,
@@ -70,14 +108,38 @@ class Embed(nnx.Module):
         init = jax.nn.initializers.normal(init_std)
         shape = (num_embeddings, features)
         self.embedding = nnx.Param(init(rngs.params(), shape, param_dtype), axes=axes)
+        self.scale = nnx.data(None)  # a Param once use_int_weights runs
         self.dtype = dtype
+
+    def to_int(self, bits: int, group_size: int) -> None:
+        """Int slots for the table plus `[..., vocab, groups]` scales (see Dense.to_int)."""
+        shape = self.embedding.get_value().shape
+        axes = tuple(self.embedding.get_metadata().get("axes", ()))
+        groups = group_count(shape[-1], group_size)
+        self.embedding = nnx.Param(jnp.zeros(shape, int_dtype(bits)), axes=axes)
+        self.scale = nnx.Param(jnp.ones((*shape[:-1], groups), jnp.float32), axes=(axes[0], None))
+
+    def table(self) -> jax.Array:
+        """The `[vocab, embed]` table in the compute dtype (dequantized if int)."""
+        if self.scale is None:
+            return self.embedding[...].astype(self.dtype)
+        return dequantize(self.embedding[...], self.scale[...], -1, self.dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids [batch, seq] -> [batch, seq, embed]."""
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if self.scale is None:
+            return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        rows = jnp.take(self.embedding[...], ids, axis=0)  # only the looked-up rows
+        return dequantize(rows, jnp.take(self.scale[...], ids, axis=0), -1, self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [batch, seq, embed] -> logits [batch, seq, vocab]."""
-        return jnp.einsum(
-            "bte,ve->btv", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        )
+        return jnp.einsum("bte,ve->btv", x.astype(self.dtype), self.table())
+
+
+def use_int_weights(model: nnx.Module, bits: int, group_size: int) -> None:
+    """Turns every Dense and Embed under `model` into int storage (weight-only quantization).
+    Other params (norms, biases, expert-stacked MoE weights) stay float."""
+    for _, module in list(model.iter_modules()):
+        if isinstance(module, (Dense, Embed)):
+            module.to_int(bits, group_size)

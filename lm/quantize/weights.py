@@ -1,0 +1,160 @@
+"""`lm quantize`: a weight-only int8 / int4 copy of a run's newest checkpoint, for inference.
+
+Why weight-only: at inference a small model is bound by reading its weights, so storing them
+at 8 (or 4) bits cuts the checkpoint and the weight traffic ~4x (~8x) while activations, norms
+and the softmax stay float; the model dequantizes each kernel on the fly.
+
+What is written to `out` (a workdir `lm sample` / `restore_params` read like any run):
+- config.json: the run's config with model.weight_bits / model.weight_group_size set,
+  quant.training=none, the tokenizer path it already references and data.cache_dir pointing
+  at the source run's packed data (so evaluation reuses the packs; keep the source run);
+- checkpoints/<step>/state: an orbax checkpoint of `{"params": ...}` only: every Dense kernel
+  and Embed table as int8 (per-output-channel scales) or int4 (jnp.int4, 4 bits an element on
+  disk; `group_size` weights per scale along the contraction axis), its float32 `scale`, and
+  every other param (norms, biases, expert-stacked MoE weights) unchanged;
+- quantized.json: source, step, bits, group size and the checkpoint's size on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import ml_collections
+from flax import nnx
+
+from lm import storage
+from lm.errors import CheckpointError, ConfigError
+from lm.models.layers.linear import Dense, Embed
+from lm.models.transformer import Transformer
+from lm.quantize.numerics import BITS, quantize
+
+MARKER = "quantized.json"
+
+
+def dir_bytes(root: str) -> int:
+    """Total size of the files under `root` (recursively), in bytes."""
+    return sum(storage.path(f).stat().length for f in storage.walk_files(root))
+
+
+def _dense_values(kernel: jax.Array, layer: Dense, bits: int, group_size: int) -> dict:
+    """Float kernel [*lead, *in, *out] -> {kernel: ints, same shape; scale: [*lead, groups,
+    *out]}, contracting the flattened in axes (lead: stacked layers)."""
+    n_in, n_out = math.prod(layer.in_shape), math.prod(layer.out_shape)
+    lead = kernel.shape[: kernel.ndim - len(layer.in_shape) - len(layer.out_shape)]
+    q, scale = quantize(kernel.reshape(*lead, n_in, n_out), -2, bits, group_size)
+    return {
+        "kernel": q.reshape(kernel.shape),
+        "scale": scale.reshape(*lead, scale.shape[-2], *layer.out_shape),
+    }
+
+
+def quantize_model(model: Transformer, bits: int, group_size: int) -> Transformer:
+    """A weight-quantized copy of a (float) Transformer: the same modules, every Dense and
+    Embed holding ints + scales, every other param copied."""
+    if bits not in BITS:
+        raise ConfigError(f"quantize: bits must be 8 or 4, got {bits}")
+    group = group_size if bits == 4 else 0
+    qcfg = dataclasses.replace(model.cfg, weight_bits=bits, weight_group_size=group)
+    qmodel = nnx.eval_shape(lambda: Transformer(qcfg, rngs=nnx.Rngs(0)))
+    source = dict(model.iter_modules())
+    for path, qmod in qmodel.iter_modules():
+        fmod = source[path]
+        values = {}
+        if isinstance(qmod, Dense):
+            values = _dense_values(fmod.kernel.get_value(), qmod, bits, group)
+        elif isinstance(qmod, Embed):
+            q, scale = quantize(fmod.embedding.get_value(), -1, bits, group)
+            values = {"embedding": q, "scale": scale}
+        for name, var in vars(qmod).items():
+            if isinstance(var, nnx.Param):
+                var.set_value(values[name] if name in values else getattr(fmod, name).get_value())
+    return qmodel
+
+
+def quantized_config(cfg: ml_collections.ConfigDict, workdir: str, bits: int, group: int):
+    """The run config of the quantized copy of `workdir` (see the module docstring)."""
+    from lm.data.packed import cache_root
+
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    out.model.weight_bits = bits
+    out.model.weight_group_size = group
+    if "quant" in out:
+        out.quant.training = "none"  # weight-only int inference; no qwix wrapping
+    out.data.cache_dir = storage.absolute(cache_root(cfg, workdir))
+    return out
+
+
+def save_params(directory: str, step: int, params: nnx.State) -> str:
+    """Writes a params-only orbax checkpoint `{"params": params}` as `<directory>/<step>`
+    (the layout Checkpointer reads); returns that step directory."""
+    from lm.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, keep=1, async_save=False)
+    try:
+        ckpt.save(step, {"params": params}, {})
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return storage.join(directory, str(step))
+
+
+def quantize_workdir(workdir: str, out: str, bits: int = 8, group_size: int = 128) -> str:
+    """Quantizes the newest checkpoint of the run in `workdir` into a new workdir `out`
+    (int8 per channel, or int4 with `group_size` weights per scale); returns a summary line."""
+    from lm.training.checkpoint import Checkpointer
+    from lm.training.restore import restore_run
+    from lm.training.setup import load_run_config, save_config
+
+    if bits not in BITS:
+        raise ConfigError(f"lm quantize: --bits must be 8 or 4, got {bits}")
+    if group_size < 0:
+        raise ConfigError(f"lm quantize: --group_size must be >= 0, got {group_size}")
+    group = group_size if bits == 4 else 0
+    cfg = load_run_config(workdir)
+    if cfg.model.get("weight_bits", 0):
+        raise CheckpointError(
+            f"{workdir} is already weight-quantized (int{cfg.model.weight_bits}); quantize the "
+            "original full-precision run instead"
+        )
+    if storage.absolute(workdir) == storage.absolute(out):
+        raise ConfigError("lm quantize: --out must be a new workdir, not the run itself")
+    if storage.exists(storage.join(out, "checkpoints")) and storage.listdir(
+        storage.join(out, "checkpoints")
+    ):
+        raise ConfigError(f"lm quantize: {out} already holds checkpoints; pick a new --out")
+    ckpt = Checkpointer(storage.join(workdir, "checkpoints"), keep=1, async_save=False)
+    try:
+        steps = ckpt.steps()
+    finally:
+        ckpt.close()
+    if not steps:
+        raise CheckpointError(
+            f"{workdir} has no checkpoint to quantize (nothing in {workdir}/checkpoints); "
+            "train it first"
+        )
+    qcfg = quantized_config(cfg, workdir, bits, group)
+    run = restore_run(workdir)
+    model = nnx.merge(run.trainer.graphdef, run.params)
+    qparams = nnx.state(quantize_model(model, bits, group), nnx.Param)
+    storage.makedirs(out)
+    if jax.process_index() == 0:
+        save_config(qcfg, out)
+    step_dir = save_params(storage.join(out, "checkpoints"), run.step, qparams)
+    size = dir_bytes(step_dir)
+    kind = f"int{bits} per channel" if not group else f"int{bits}, {group} weights per scale"
+    if jax.process_index() == 0:
+        marker = dict(
+            source=storage.absolute(workdir),
+            step=run.step,
+            bits=bits,
+            group_size=group,
+            checkpoint_bytes=size,
+        )
+        storage.write_text(storage.join(out, MARKER), json.dumps(marker, indent=2))
+    return (
+        f"quantized {workdir} (checkpoint {run.step}) to {kind}: {out} "
+        f"({size / 2**20:.2f} MiB of params on disk)"
+    )
