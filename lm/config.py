@@ -62,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
             sliding_window=0,  # tokens a local layer sees, itself included; needs an L layer
             attn_logit_softcap=0.0,  # >0: cap * tanh(logits / cap) on attention logits (Gemma 2)
             final_logit_softcap=0.0,  # >0: the same on the output logits
+            post_norms=False,  # also norm each sublayer's output before the residual (Gemma 2)
+            embed_scale=False,  # token embeddings times sqrt(d_model) (Gemma)
             # Mixture of experts (lm/models/layers/moe.py); num_experts 0 is a dense model.
             num_experts=0,
             experts_per_token=2,

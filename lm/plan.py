@@ -97,14 +97,22 @@ def _compile_worker(experiment: str, overrides: list[str]) -> None:
     from lm.training.train_step import Trainer
 
     cfg = get_config(experiment, overrides)
-    cfg.model.scan_layers = True  # one layer body to compile, not num_layers copies
+    # One layer body to compile, not num_layers copies. A model whose first layers are dense
+    # and the rest MoE is compiled with every layer MoE: an MoE layer holds more than a dense
+    # one, so the estimate is an upper bound (unrolled, it takes minutes to compile on CPU).
+    probe = ModelConfig.from_config(cfg.model, _model_cfg(cfg).vocab_size)
+    upper_bound = len({probe.is_moe_layer(i) for i in range(probe.num_layers)}) > 1
+    if upper_bound:
+        cfg.model.moe_first_dense, cfg.model.moe_every = 0, 1
+    cfg.model.scan_layers = True
     if cfg.model.dtype == "auto":
         cfg.model.dtype = "bfloat16"  # what the accelerator would run
     model_cfg = ModelConfig.from_config(cfg.model, _model_cfg(cfg).vocab_size)
     trainer = Trainer(cfg, model_cfg, sharding.make_mesh(cfg.mesh))
     ma = trainer.compile().memory_analysis()
     keys = ("temp", "argument", "output", "alias")
-    print(json.dumps({k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}))
+    out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in keys}
+    print(json.dumps({**out, "upper_bound": upper_bound}))
 
 
 def compiled_memory(experiment, overrides, chips: int, timeout: float) -> tuple[dict | None, str]:
@@ -198,7 +206,8 @@ def plan(
             lines.append(
                 f"memory/device      {tot / gib:,.2f} GiB (XLA:CPU estimate: temp "
                 f"{mem['temp'] / gib:.2f} + args {mem['argument'] / gib:.2f} + out "
-                f"{mem['output'] / gib:.2f} - aliased {mem['alias'] / gib:.2f})"
+                f"{mem['output'] / gib:.2f} - aliased {mem['alias'] / gib:.2f}"
+                f"{'; every layer MoE, an upper bound' if mem.get('upper_bound') else ''})"
             )
         else:
             lines.append(f"memory/device      XLA:CPU estimate unavailable ({why}); analytic only")

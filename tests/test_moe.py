@@ -13,7 +13,7 @@ from flax import nnx
 from lm.config import get_config
 from lm.models.layers import moe
 from lm.models.layers.moe_dispatch import capacity, capacity_slots
-from lm.models.transformer import ModelConfig, experiment_param_counts
+from lm.models.transformer import ModelConfig
 
 D, F, E, K = 16, 8, 4, 2
 
@@ -181,22 +181,6 @@ def test_gradients_finite_and_zero_for_an_expert_without_tokens(dispatch):
         assert np.all(g[2] == 0.0), name
         assert all(np.any(g[e] != 0.0) for e in (0, 1, 3)), name
     assert np.any(np.asarray(grads["router"]["kernel"][...]) != 0.0)
-
-
-@pytest.mark.parametrize(
-    "name,total,active", [("mixtral_8x7b", 46.7e9, 12.9e9), ("deepseek_moe_16b", 16.4e9, 2.8e9)]
-)
-def test_param_counts_of_the_published_models(name, total, active):
-    from lm.training import flops
-
-    cfg = get_config(name)
-    got_total, got_active = experiment_param_counts(cfg)
-    np.testing.assert_allclose(got_total, total, rtol=0.015)
-    np.testing.assert_allclose(got_active, active, rtol=0.015)
-    # The FLOPs module's closed forms agree with the module's shapes.
-    model_cfg = ModelConfig.from_config(cfg.model, cfg.model.vocab_size)
-    assert flops.param_count(model_cfg) == got_total
-    np.testing.assert_allclose(flops.active_param_count(model_cfg), got_active, rtol=1e-3)
 
 
 def test_moe_tiny_trains_and_logs_the_expert_load(tmp_path):

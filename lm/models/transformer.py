@@ -63,6 +63,8 @@ class ModelConfig:
     sliding_window: int = 0
     attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
+    post_norms: bool = False
+    embed_scale: bool = False
     num_experts: int = 0
     experts_per_token: int = 2
     num_shared_experts: int = 0
@@ -176,20 +178,27 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)).
 
+    With `cfg.post_norms` (Gemma 2's "sandwich" norms) each sublayer's output is normed again
+    before the residual add: x + norm(attn(norm(x))); it bounds what one layer can add to the
+    residual stream, which Gemma 2 pairs with its logit soft-capping for stable training.
+
     Layer `layer`'s `mlp` is a mixture of experts where `cfg.is_moe_layer(layer)`. The block
     returns an aux dict beside (x, cache): the MoE layer's router losses and statistics
     (lm/models/layers/moe.py), zeros for a dense layer of an MoE model, {} for a dense model.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
-        self.attn_norm = Norm(
-            cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
-        )
+        def norm() -> Norm:
+            return Norm(
+                cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
+            )
+
+        self.attn_norm = norm()
         self.attn = Attention(cfg, layer, rngs=rngs)
-        self.mlp_norm = Norm(
-            cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.dtype, cfg.param_dtype
-        )
+        self.post_attn_norm = norm() if cfg.post_norms else None
+        self.mlp_norm = norm()
         self.mlp = MoE(cfg, rngs=rngs) if cfg.is_moe_layer(layer) else MLP(cfg, rngs=rngs)
+        self.post_mlp_norm = norm() if cfg.post_norms else None
         self.num_experts = cfg.num_experts
         self.dropout = cfg.dropout
 
@@ -208,12 +217,16 @@ class Block(nnx.Module):
         h, cache = self.attn(
             self.attn_norm(x), positions, segment_ids, cache, cache_index, prefix, window
         )
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
         x = constrain(x + dropout(h, self.dropout, keys[0]), ("batch", "seq", "embed"))
         if isinstance(self.mlp, MoE):
             h, aux = self.mlp(self.mlp_norm(x))
         else:
             h = self.mlp(self.mlp_norm(x))
             aux = dense_aux(self.num_experts) if self.num_experts > 0 else {}
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
         x = constrain(x + dropout(h, self.dropout, keys[1]), ("batch", "seq", "embed"))
         return x, cache, aux
 
@@ -326,6 +339,8 @@ class Transformer(nnx.Module):
         `lm.models.layers.moe.reduce_layers` averages it over the MoE layers."""
         cfg = self.cfg
         x = self.embed(tokens)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(d_model), rounded to the dtype
+            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = constrain(dropout(x, cfg.dropout, dropout_key), ("batch", "seq", "embed"))

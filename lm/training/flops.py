@@ -43,7 +43,9 @@ def _moe(model_cfg: Any) -> tuple[int, int, int, int, int]:
         return 0, 0, 0, 0, 0
     first = int(getattr(model_cfg, "moe_first_dense", 0))
     every = max(1, int(getattr(model_cfg, "moe_every", 1)))
-    layers = sum(1 for i in range(int(model_cfg.num_layers)) if i >= first and (i - first) % every == 0)
+    layers = sum(
+        1 for i in range(int(model_cfg.num_layers)) if i >= first and (i - first) % every == 0
+    )
     f = int(getattr(model_cfg, "moe_d_ff", 0) or 0) or int(model_cfg.d_ff)
     k = int(getattr(model_cfg, "experts_per_token", 2))
     return layers, experts, k, int(getattr(model_cfg, "num_shared_experts", 0)), f
@@ -94,8 +96,9 @@ def param_count(model_cfg: Any) -> int:
     Assumed layout (pre-norm decoder):
       * token embedding [vocab, d_model]; learned positions [max_seq_len, d_model] when
         position == "learned" (rope has none);
-      * per layer: 2 norms; q [d, H*Q], k and v [d, KV*Q], out [H*Q, d], each with a bias when
-        use_bias; MLP gelu: up [d, d_ff] + down [d_ff, d]; swiglu: gate and up [d, d_ff] + down,
+      * per layer: 2 norms (4 with post_norms, Gemma 2); q [d, H*Q], k and v [d, KV*Q], out
+        [H*Q, d], each with a bias when use_bias (q, k and v only with qkv_bias, Qwen2);
+        MLP gelu: up [d, d_ff] + down [d_ff, d]; swiglu / geglu: gate and up [d, d_ff] + down,
         biases when use_bias;
       * a final norm; an untied LM head [d, vocab] (never a bias) when tie_embeddings is false;
       * a mixture-of-experts layer (lm/models/layers/moe.py) replaces the MLP by a router
@@ -115,8 +118,12 @@ def param_count(model_cfg: Any) -> int:
 
     norm_params = d * (2 if (norm == "layernorm" and use_bias) else 1)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if use_bias or bool(getattr(model_cfg, "qkv_bias", False)):
+        attn += h * hd + 2 * kv * hd
     if use_bias:
-        attn += h * hd + 2 * kv * hd + d
+        attn += d
+    layer_norms = 4 if bool(getattr(model_cfg, "post_norms", False)) else 2
+
     def mlp_params(width: int) -> int:
         return mlp_mats * d * width + ((mlp_mats - 1) * width + d if use_bias else 0)
 
@@ -124,7 +131,7 @@ def param_count(model_cfg: Any) -> int:
     moe = d * experts + experts * mlp_mats * d * f + (mlp_params(shared * f) if shared else 0)
     if str(getattr(model_cfg, "router", "softmax")) == "sigmoid":
         moe += experts
-    total += layers * (attn + 2 * norm_params) + (layers - moe_layers) * mlp_params(d_ff)
+    total += layers * (attn + layer_norms * norm_params) + (layers - moe_layers) * mlp_params(d_ff)
     total += moe_layers * moe
     total += norm_params  # final norm
     if not bool(model_cfg.tie_embeddings):
