@@ -68,3 +68,79 @@ def test_experiments_params_lists_total_and_active(capsys):
     assert "7241.73M params" in out["mistral_7b"] and "active" not in out["mistral_7b"]
     assert "2614.34M params" in out["gemma2_2b"]
     assert "active)" in out["deepseek_moe_16b"] and "active)" in out["moe_tiny"]
+
+
+def test_gemma2_pieces_match_transformers():
+    """A small Gemma 2 (the gemma2_2b experiment's pieces, tiny sizes) against transformers'
+    Gemma2ForCausalLM with the same random weights: local/global alternation with a window
+    shorter than the sequence, both soft caps set low enough to bite, sandwich norms, the
+    embedding scale and the GeGLU MLP. Gemma's RMSNorm multiplies by (1 + weight)."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    vocab, d, f, layers, heads, kv, hd, window, seq = 300, 64, 128, 4, 4, 2, 16, 4, 12
+    hf_cfg = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hd,
+        sliding_window=window,
+        query_pre_attn_scalar=hd,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if name.endswith("norm.weight") else 0.08))
+    w = {k: v.numpy() for k, v in hf.state_dict().items()}
+
+    overrides = {
+        "vocab_size": vocab,
+        "num_layers": layers,
+        "d_model": d,
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": hd,
+        "d_ff": f,
+        "max_seq_len": 64,
+        "sliding_window": window,
+        "attn_logit_softcap": 5.0,
+        "final_logit_softcap": 3.0,
+        "dtype": "float32",
+        "remat": "none",
+        "loss_chunk": 0,
+    }
+    cfg = get_config("gemma2_2b", [f"--config.model.{k}={v}" for k, v in overrides.items()])
+    model = Transformer(ModelConfig.from_config(cfg.model), rngs=nnx.Rngs(0))
+    model.embed.embedding[...] = w["model.embed_tokens.weight"]
+    model.final_norm.scale[...] = 1 + w["model.norm.weight"]
+    norms = {
+        "attn_norm": "input_layernorm",
+        "post_attn_norm": "post_attention_layernorm",
+        "mlp_norm": "pre_feedforward_layernorm",
+        "post_mlp_norm": "post_feedforward_layernorm",
+    }
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        for ours, theirs in norms.items():
+            getattr(block, ours).scale[...] = 1 + w[p + theirs + ".weight"]
+        for name, n in (("q", heads), ("k", kv), ("v", kv)):
+            kernel = w[p + f"self_attn.{name}_proj.weight"].T.reshape(d, n, hd)
+            getattr(block.attn, name).kernel[...] = kernel
+        block.attn.o.kernel[...] = w[p + "self_attn.o_proj.weight"].T.reshape(heads, hd, d)
+        for name in ("gate", "up", "down"):
+            getattr(block.mlp, name).kernel[...] = w[p + f"mlp.{name}_proj.weight"].T
+
+    ids = np.random.default_rng(0).integers(0, vocab, (2, seq))
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    positions = np.broadcast_to(np.arange(seq), ids.shape)
+    got, _ = model(ids, positions, np.ones_like(ids))
+    assert np.abs(want).max() > 1.0  # the final cap (3) is what bounds them
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
