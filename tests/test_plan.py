@@ -78,3 +78,13 @@ def test_plan_says_whether_the_run_fits_in_hbm(capsys):
     big = ["plan", "--experiment=gpt3_175b", "--chips=v5p-8", "--tokens=1e9", "--no_compile"]
     assert main(big) == 0
     assert "fits in HBM        NO" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "name", ["moe_tiny", "mixtral_8x7b", "deepseek_moe_16b", "mistral_7b", "gemma2_2b"]
+)
+def test_plan_works_for_the_issue_10_experiments(name, capsys):
+    args = ["plan", f"--experiment={name}", "--chips=v5p-256", "--tokens=1e12", "--no_compile"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fits in HBM        yes" in out, out
