@@ -105,7 +105,7 @@ def register_text_task(data_cfg: ml_collections.ConfigDict, vocab_path: str) -> 
     if data_cfg.source == "task":
         raise DataError("data.source=task uses --config.data.task; nothing to register")
     if not os.path.isfile(vocab_path):
-        raise FileNotFoundError(f"SentencePiece model {vocab_path!r} not found")
+        raise FileNotFoundError(f"tokenizer file {vocab_path!r} not found")
     name = task_name_for(data_cfg, vocab_path)
     if name in seqio.TaskRegistry.names():
         return name

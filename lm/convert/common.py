@@ -62,9 +62,10 @@ def check_tensors(
     not need (buffers such as GPT-2's attn.bias, a tied lm_head)."""
     for name, dims in expected.items():
         if name not in shapes:
+            hint = "; is tie_word_embeddings wrong?" if name.endswith("lm_head.weight") else ""
             raise ConfigError(
                 f"tensor {name} is missing from {where} ({architecture} with this config.json "
-                "needs it)"
+                f"needs it{hint})"
             )
         have = tuple(shapes[name])
         want = tuple(d.size for d in dims)

@@ -52,8 +52,11 @@ class TensorFiles:
         self.hf_dir = hf_dir
         index_path = os.path.join(hf_dir, INDEX)
         if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f).get("weight_map") or {}
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f).get("weight_map") or {}
+            except (json.JSONDecodeError, AttributeError):
+                raise ConfigError(f"{index_path} is not a safetensors index") from None
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
             files = [SINGLE]
@@ -71,7 +74,11 @@ class TensorFiles:
             path = os.path.join(hf_dir, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} (named by {INDEX}) not found")
-            handle = safe_open(path, framework="np")
+            try:
+                handle = safe_open(path, framework="np")
+            except Exception as e:  # safetensors raises its own SafetensorError (and OSError)
+                first = (str(e).splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"{path} is not a readable safetensors file: {first}") from None
             self._handles[name] = handle
             for key in handle.keys():
                 piece = handle.get_slice(key)

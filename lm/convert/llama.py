@@ -107,12 +107,16 @@ class LlamaFamily(Family):
             num_hidden_layers=mc.num_layers,
             num_attention_heads=mc.num_heads,
             num_key_value_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim,
             max_position_embeddings=mc.max_seq_len,
             rms_norm_eps=mc.norm_eps,
             hidden_act="silu",
             tie_word_embeddings=mc.tie_embeddings,
         )
+        # head_dim: written unless it is the default d_model / heads and the imported config
+        # left it out or null (so from_hf -> to_hf gives back the same config.json).
+        default_head = mc.head_dim * mc.num_heads == mc.d_model
+        if not base or base.get("head_dim") is not None or not default_head:
+            out["head_dim"] = mc.head_dim
         theta = float(mc.rope_theta)
         out["rope_parameters"] = {**(base.get("rope_parameters") or {}), "rope_theta": theta}
         out["rope_parameters"].setdefault("rope_type", "default")

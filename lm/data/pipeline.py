@@ -7,8 +7,10 @@ seqio Task (tokenize, EOS, cut documents into <= seq_len pieces), the difficulty
 document order, and seqio's packing (or a masked objective's) for one split.
 
 Every row is, per feature, a [seq_len] array (next-token objective):
-  inputs      int32   BOS (id 3) then the targets shifted right, restarting in every segment
-  targets     int32   the next token to predict (0 = padding)
+  inputs      int32   BOS (id 3; a Hugging Face tokenizer's BOS, or EOS if it has none) then
+                      the targets shifted right, restarting in every segment
+  targets     int32   the next token to predict (0 = padding; with a Hugging Face tokenizer,
+                      where 0 is a real token, padding is where segment_ids is 0)
   segment_ids int32   1, 2, ... per packed document piece; 0 = padding
   positions   int32   0, 1, ... restarting in each segment
   weights     float32 1.0 where the target counts in the loss
@@ -30,7 +32,7 @@ from lm.data.documents import Component, iter_documents
 from lm.data.grain_pipeline import FEATURES, batch_features
 from lm.data.sources import tf_cpu_only
 from lm.errors import DataError
-from lm.tokenizer.sentencepiece_tokenizer import BOS_ID, EOS_ID
+from lm.tokenizer.sentencepiece_tokenizer import BOS_ID
 
 _CONVERTER_KEYS = {
     "inputs": "decoder_input_tokens",
@@ -84,11 +86,19 @@ def _source_bytes(cfg, vocab, rows: dict, split: str, shard: int, count: int) ->
     return sum(len(d.encode("utf-8")) for d in iter_documents(cfg.data, split, shard, count))
 
 
-def _ordered_by_difficulty(ds, difficulty: str):
-    """The same pieces, whole documents reordered easiest first (curriculum)."""
+def _ordered_by_difficulty(ds, vocab, difficulty: str):
+    """The same pieces, whole documents reordered easiest first (curriculum).
+
+    Documents end at the vocabulary's own EOS. A Hugging Face vocabulary's pieces carry id 0
+    as `PACKING_ZERO` (see `_packed_dataset`): scored as the real id 0, packed as the marker."""
     tf = tf_cpu_only()
+    zero = getattr(vocab, "PACKING_ZERO", None)
     pieces = [ex["targets"] for ex in ds.as_numpy_iterator()]
-    pieces = curriculum.order_pieces_by_difficulty(pieces, EOS_ID, difficulty)
+    if zero is not None:
+        pieces = [np.where(p == zero, 0, p) for p in pieces]
+    pieces = curriculum.order_pieces_by_difficulty(pieces, vocab.eos_id, difficulty)
+    if zero is not None:  # pieces hold no padding, so every 0 is a real id 0
+        pieces = [np.where(p == 0, zero, p).astype(np.int32) for p in pieces]
     return tf.data.Dataset.from_generator(
         lambda: ({"targets": p} for p in pieces),
         output_signature={"targets": tf.TensorSpec((None,), tf.int32)},
@@ -142,7 +152,7 @@ def build_rows(
     start = time.time()
     ds = _task_dataset(cfg, vocab, split, shard, count)
     if split == "train" and cfg.data.curriculum.difficulty != "none":
-        ds = _ordered_by_difficulty(ds, cfg.data.curriculum.difficulty)
+        ds = _ordered_by_difficulty(ds, vocab, cfg.data.curriculum.difficulty)
     features = batch_features(cfg.data.objective)
     parts = {k: [] for k in features}
     for batch in _packed_dataset(cfg, vocab, ds, shard).batch(1024).as_numpy_iterator():
@@ -155,9 +165,13 @@ def build_rows(
         )
         for k, v in parts.items()
     }
+    # Target tokens: non-zero targets, or (a Hugging Face vocabulary, where 0 is a real id)
+    # every position of a segment.
+    hf = getattr(vocab, "start_id", None) is not None
+    real = rows["segment_ids"] > 0 if hf else rows["targets"] != 0
     meta = dict(
         rows=int(rows["targets"].shape[0]),
-        tokens=int((rows["targets"] != 0).sum()),
+        tokens=int(real.sum()),
         bytes=_source_bytes(cfg, vocab, rows, split, shard, count),
         seconds=round(time.time() - start, 3),
     )
