@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from_hf", default="", help="a Hugging Face model directory to import")
     p.add_argument("--to_hf", default="", help="a directory to export safetensors + config to")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument(
+        "--vocab_multiple",
+        type=int,
+        default=0,
+        help="import: pad the vocabulary to a multiple of this (e.g. 128 for sharding)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("quantize", help="weight-only int8/int4 copy of a run's checkpoint")

@@ -178,8 +178,14 @@ def test_sharded_checkpoints_are_read_and_written(imported, tmp_path):
 def test_vocab_padding_is_removed_on_export(imported, tmp_path):
     model, hf_dir, _ = imported("llama")
     workdir = str(tmp_path / "padded")
-    info = import_hf(hf_dir, workdir, vocab_multiple=128)
-    assert info["vocab_size"] == 384
+    from lm.cli import main
+
+    # Through the CLI flag: the vocabulary padded to a multiple of 128.
+    assert (
+        main(["convert", f"--from_hf={hf_dir}", f"--workdir={workdir}", "--vocab_multiple=128"])
+        == 0
+    )
+    assert load_run_config(workdir).model.vocab_size == 384
     ids = parity.token_ids()
     ours = parity.lm_logits(workdir, ids)
     assert ours.shape[-1] == 384
@@ -290,6 +296,7 @@ def test_cli_errors_are_one_line(imported, tmp_path, capsys):
     from lm.cli import main
 
     _, hf_dir, workdir = imported("gpt2")
+    capsys.readouterr()  # drop what building the fixture printed (transformers' progress bars)
     assert main(["convert", f"--workdir={workdir}", f"--from_hf={hf_dir}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "already holds a run" in err and "\n" not in err

@@ -14,9 +14,7 @@ def run_convert(args) -> int:
     if args.from_hf:
         if args.step is not None:
             raise ConfigError("--step is for --to_hf (an import always writes checkpoint 0)")
-        out = import_hf(
-            args.from_hf, args.workdir, vocab_multiple=getattr(args, "vocab_multiple", 0) or 0
-        )
+        out = import_hf(args.from_hf, args.workdir, vocab_multiple=args.vocab_multiple)
         print(
             f"imported {out['architecture']} ({out['params'] / 1e6:.2f}M params, vocab "
             f"{out['vocab_size']}) -> {out['workdir']} (checkpoint 0)"
