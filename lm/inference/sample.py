@@ -130,8 +130,10 @@ def generate_text(
     texts = []
     for p_index, text in enumerate(prompts):
         room = model_cfg.max_seq_len - max_new_tokens  # >= 1
-        # Training rows start every document with BOS; so does every prompt (if it has one).
-        ids = ([vocab.bos_id] if vocab.bos_id is not None else []) + vocab.encode(text)
+        # Training rows start every document with the vocabulary's start id (BOS; a Hugging
+        # Face tokenizer without BOS starts them with EOS); so does every prompt.
+        start = getattr(vocab, "start_id", vocab.bos_id)
+        ids = ([start] if start is not None else []) + vocab.encode(text)
         if not ids:
             raise ValueError(f"prompt {p_index} is empty and the vocabulary has no BOS token")
         ids = ids[len(ids) - room :] if len(ids) > room else ids
