@@ -76,6 +76,7 @@ def dense_reference(layer, x):
     [
         ("softmax", 0, "ragged_dot"),
         ("softmax", 1, "tiled"),
+        ("softmax", 0, "tokamax"),  # the GPU/TPU kernel's entry point, on its XLA reference path
         ("sigmoid", 2, "ragged_dot"),
     ],
 )
@@ -137,9 +138,7 @@ def test_small_capacity_drops_the_hand_counted_assignments():
         axis=2,
     )
     weight = jnp.sum(jax.nn.one_hot(experts, E) * kept_gates[..., None], axis=2)
-    np.testing.assert_allclose(
-        y, jnp.einsum("bsed,bse->bsd", outs, weight), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(y, jnp.einsum("bsed,bse->bsd", outs, weight), rtol=1e-5, atol=1e-5)
 
 
 def test_router_losses_match_the_formulas():

@@ -40,12 +40,14 @@ def choose_grouped_matmul(config: str, backend: str) -> tuple[str, str]:
     """(implementation, reason for a fallback or "") for `model.grouped_matmul` on `backend`.
 
     tokamax's ragged_dot has Pallas/Triton kernels for TPU and GPU; on CPU it would only run its
-    XLA reference path, so CPU uses `jax.lax.ragged_dot` (same math, and XLA's own lowering).
-    `tiled` (`tiled_grouped_matmul`) is an explicit choice for small models on CPU.
+    XLA reference path, so `auto` on CPU uses `jax.lax.ragged_dot` (same math, XLA's own
+    lowering). An explicit choice is honoured on any backend (tokamax on CPU runs its reference
+    path, which the tests use to check the call). `tiled` (`tiled_grouped_matmul`) is meant
+    for small models on CPU.
     """
     if config not in GROUPED_MATMULS:
         raise ValueError(f"model.grouped_matmul must be one of {GROUPED_MATMULS}: {config!r}")
-    if config in ("ragged_dot", "tiled"):
+    if config != "auto":
         return config, ""
     if backend in ("gpu", "tpu"):
         return "tokamax", ""
@@ -60,7 +62,13 @@ def grouped_matmul(config: str) -> Callable[[jax.Array, jax.Array, jax.Array], j
         _log_once(f"{reason}; using jax.lax.ragged_dot")
     if impl == "tokamax":
         import tokamax
+        from absl import flags
 
+        # tokamax reads its options from absl flags and, if nothing has parsed them, parses
+        # sys.argv itself, which fails on any program with flags of its own (`lm train
+        # --experiment=...`, pytest). Taking absl's defaults is what an unparsed run means.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         return lambda lhs, rhs, sizes: tokamax.ragged_dot(lhs, rhs, sizes)
     if impl == "tiled":
         return tiled_grouped_matmul
