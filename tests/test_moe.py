@@ -219,3 +219,28 @@ def test_moe_tiny_trains_and_logs_the_expert_load(tmp_path):
         for key in ("moe/load_balance_loss", "moe/router_z_loss", "moe/dropped_fraction"):
             assert np.isfinite(r[key])
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
+
+
+def test_which_layers_are_moe_and_the_aux_averages_only_those():
+    """moe_first_dense=1, moe_every=2 on 5 layers: layers 1 and 3 route, the rest are dense;
+    the logged aux is the mean over the routed layers alone, and a layer scan is refused."""
+    from lm.errors import ConfigError
+    from lm.models.layers.mlp import MLP
+    from lm.models.transformer import Transformer
+
+    cfg = layer_cfg(num_layers=5, moe_first_dense=1, moe_every=2)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    kinds = [type(block.mlp) for block in model.blocks]
+    assert kinds == [MLP, moe.MoE, MLP, moe.MoE, MLP]
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, 64)
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    _, _, layer_aux = model.hidden_and_aux(ids, pos, jnp.ones_like(ids))
+    assert np.asarray(layer_aux["moe_layer"]).tolist() == [0, 1, 0, 1, 0]
+    got = moe.reduce_layers(layer_aux)
+    loads = np.asarray(layer_aux["expert_load"])
+    np.testing.assert_allclose(got["expert_load"], (loads[1] + loads[3]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(jnp.sum(got["expert_load"])), 1.0, rtol=1e-6)
+    balance = np.asarray(layer_aux["load_balance_loss"])
+    np.testing.assert_allclose(got["load_balance_loss"], (balance[1] + balance[3]) / 2, rtol=1e-6)
+    with pytest.raises(ConfigError, match="scan_layers"):
+        layer_cfg(num_layers=5, moe_first_dense=1, scan_layers=True)
