@@ -244,3 +244,33 @@ def test_which_layers_are_moe_and_the_aux_averages_only_those():
     np.testing.assert_allclose(got["load_balance_loss"], (balance[1] + balance[3]) / 2, rtol=1e-6)
     with pytest.raises(ConfigError, match="scan_layers"):
         layer_cfg(num_layers=5, moe_first_dense=1, scan_layers=True)
+
+
+def test_sigmoid_router_bias_moves_only_by_the_balance_rule():
+    """DeepSeek-V3's aux-loss-free balancing: after one train step each layer's router_bias is
+    exactly rate * sign(1/E - that layer's load) (computed here from the forward pass), so an
+    overloaded expert's bias falls and an idle one's rises; the optimizer never moves it."""
+    from lm import sharding
+    from lm.models.transformer import Transformer
+    from lm.training.train_step import Trainer
+    from tests.test_moe_parallel import SMALL, VOCAB, batches
+
+    flags = [*SMALL, "--config.model.router=sigmoid", "--config.model.router_bias_rate=0.01"]
+    flags += ["--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.expert=1"]
+    cfg = get_config("moe_tiny", flags)
+    model_cfg = ModelConfig.from_config(cfg.model, VOCAB)
+    trainer = Trainer(cfg, model_cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    state = trainer.init_state()
+    batch = batches(1)[0]
+    model = nnx.merge(trainer.graphdef, state.params)
+    assert isinstance(model, Transformer)
+    _, _, layer_aux = model.hidden_and_aux(
+        batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    load = np.asarray(layer_aux["expert_load"])  # [layers, E]
+    new_state, _ = trainer.train_step(state, trainer.device_batch(batch))
+    for i in range(model_cfg.num_layers):
+        got = np.asarray(new_state.params["blocks"][i]["mlp"]["router_bias"][...])
+        want = 0.01 * np.sign(1.0 / model_cfg.num_experts - load[i])
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+        assert (got != 0).any()
