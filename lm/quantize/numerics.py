@@ -7,7 +7,8 @@ every element by half a step: |w - q * scale| <= scale / 2 = absmax / (2 * qmax)
 One layout covers both granularities. `w` has a contraction axis of size n; with
 `group_size` g (0: g = n, one scale per output channel) the axis is cut into n / g groups and
 `scale` has w's shape with that axis of size n / g. The integers keep w's shape: int8, or int4
-(jnp.int4, which orbax writes at 4 bits an element on disk, so no manual packing is needed).
+(jnp.int4; saved from host numpy arrays, as `lm quantize` does, orbax stores it at 4 bits an
+element, so no manual packing is needed).
 """
 
 from __future__ import annotations

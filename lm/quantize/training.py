@@ -7,8 +7,10 @@ called from inside the wrapped method. Dense calls `jax.lax.dot_general` (a plai
 through jnp.matmul's cached jit and is *not* intercepted) and the tied head (`Embed.attend`)
 an einsum, so every weight product is quantized: weights per output channel, activations per
 row (dynamic absmax), int8 x int8 -> int32 in the forward pass; gradients flow straight
-through in float (qwix QT with no backward qtype). The provider below skips products with no
-weight operand (attention's q.k and p.v einsums), which stay float.
+through in float (qwix QT with no backward qtype). The provider below quantizes only weight
+products: every one made inside a Dense or Embed, and elsewhere those qwix traces back to a
+Param; attention's q.k and p.v einsums stay float. tests/test_quantize.py counts them in the
+train step's jaxpr: 6 per layer (q, k, v, o, up, down) plus the tied head.
 
 `loss_chunk > 0` computes the output head outside the module (lm/models/loss.py); then only
 `Transformer.hidden` is wrapped and the head stays float.
@@ -25,9 +27,9 @@ from flax import nnx
 from lm.errors import ConfigError
 
 TRAINING = ("none", "int8", "fp8")
-# Backends where qwix's fp8 (float8_e4m3fn) matmuls compile and run. XLA:CPU does: it upcasts
-# fp8 dots to float internally (measured in tests/test_quantize.py), so it is numerics-only
-# there, not faster.
+# Backends where qwix's fp8 (float8_e4m3fn) matmuls compile and run. XLA:CPU does (it has no
+# fp8 units, so there it is the numerics only, not a speedup); tests/test_quantize.py trains
+# through them.
 FP8_BACKENDS = ("cpu", "gpu", "tpu")
 
 
@@ -58,7 +60,16 @@ def _provider_class():
     import qwix
     from qwix._src.utils import flax_util
 
+    from lm.models.layers.linear import Dense, Embed
+
     def has_weight(operands) -> bool:
+        # Every product made inside Dense / Embed multiplies by its weight. Asking qwix alone
+        # (find_param) misses a kernel reshaped under jax.grad: Dense contracts
+        # `kernel.reshape(n_in, n_out)`, which for attention's [embed, heads, head_dim]
+        # kernels is a new JVP tracer that qwix cannot trace back to its Param, so those
+        # projections silently stayed float. find_param still covers weights used elsewhere.
+        if isinstance(flax_util.get_current_module(), (Dense, Embed)):
+            return True
         return any(flax_util.find_param(x) is not None for x in operands)
 
     class WeightMatmulQtProvider(qwix.QtProvider):

@@ -1,8 +1,9 @@
 """`lm quantize`: a weight-only int8 / int4 copy of a run's newest checkpoint, for inference.
 
 Why weight-only: at inference a small model is bound by reading its weights, so storing them
-at 8 (or 4) bits cuts the checkpoint and the weight traffic ~4x (~8x) while activations, norms
-and the softmax stay float; the model dequantizes each kernel on the fly.
+at 8 (or 4) bits cuts the checkpoint ~4x (~6x for int4 with a float32 scale per 32 weights;
+per-array metadata and the float norms and biases take the rest) while activations, norms and
+the softmax stay float; the model dequantizes each kernel where it uses it (Dense.weight).
 
 What is written to `out` (a workdir `lm sample` / `restore_params` read like any run):
 - config.json: the run's config with model.weight_bits / model.weight_group_size set,
@@ -32,6 +33,9 @@ from lm.models.transformer import Transformer
 from lm.quantize.numerics import BITS, quantize
 
 MARKER = "quantized.json"
+# One compiled program per (shape, axis, bits, group): op by op, every primitive of every
+# distinct kernel shape compiles on its own (~40 compiles for a 2-layer model).
+_quantize = jax.jit(quantize, static_argnums=(1, 2, 3))
 
 
 def dir_bytes(root: str) -> int:
@@ -44,7 +48,7 @@ def _dense_values(kernel: jax.Array, layer: Dense, bits: int, group_size: int) -
     *out]}, contracting the flattened in axes (lead: stacked layers)."""
     n_in, n_out = math.prod(layer.in_shape), math.prod(layer.out_shape)
     lead = kernel.shape[: kernel.ndim - len(layer.in_shape) - len(layer.out_shape)]
-    q, scale = quantize(kernel.reshape(*lead, n_in, n_out), -2, bits, group_size)
+    q, scale = _quantize(kernel.reshape(*lead, n_in, n_out), -2, bits, group_size)
     return {
         "kernel": q.reshape(kernel.shape),
         "scale": scale.reshape(*lead, scale.shape[-2], *layer.out_shape),
@@ -66,7 +70,7 @@ def quantize_model(model: Transformer, bits: int, group_size: int) -> Transforme
         if isinstance(qmod, Dense):
             values = _dense_values(fmod.kernel.get_value(), qmod, bits, group)
         elif isinstance(qmod, Embed):
-            q, scale = quantize(fmod.embedding.get_value(), -1, bits, group)
+            q, scale = _quantize(fmod.embedding.get_value(), -1, bits, group)
             values = {"embedding": q, "scale": scale}
         for name, var in vars(qmod).items():
             if isinstance(var, nnx.Param):
@@ -89,12 +93,22 @@ def quantized_config(cfg: ml_collections.ConfigDict, workdir: str, bits: int, gr
 
 def save_params(directory: str, step: int, params: nnx.State) -> str:
     """Writes a params-only orbax checkpoint `{"params": params}` as `<directory>/<step>`
-    (the layout Checkpointer reads); returns that step directory."""
+    (the layout Checkpointer reads, restoring onto any mesh); returns that step directory.
+
+    The arrays are written as host numpy arrays (by process 0; `restore_run` leaves every
+    param replicated): orbax then keeps no per-array sharding record and lays int4 out at 4
+    bits. Measured on `tiny` (make bench, one CPU device): int8 716 KB instead of 787 KB as
+    jax arrays, int4 440 KB instead of 480 KB (1.1 MB on 8 CPU devices); per-array metadata
+    is ~10% of a model this small, and the int8 / fp32 ratio went from 3.25x to 3.55x.
+    """
+    import numpy as np
+
     from lm.training.checkpoint import Checkpointer
 
+    host = jax.tree.map(np.asarray, params)
     ckpt = Checkpointer(directory, keep=1, async_save=False)
     try:
-        ckpt.save(step, {"params": params}, {})
+        ckpt.save(step, {"params": host}, {})
         ckpt.wait()
     finally:
         ckpt.close()
