@@ -107,7 +107,8 @@ def test_bad_bits_and_groups_are_config_errors():
 
 def small_model_cfg(**overrides) -> ModelConfig:
     c = default_config().model
-    c.update(num_layers=LAYERS, d_model=64, num_heads=2, d_ff=128, max_seq_len=16, **overrides)
+    c.update(num_layers=LAYERS, d_model=64, num_heads=2, d_ff=128, max_seq_len=16)
+    c.update(**overrides)
     return ModelConfig.from_config(c, 40)
 
 

@@ -9,10 +9,11 @@ What is written to `out` (a workdir `lm sample` / `restore_params` read like any
 - config.json: the run's config with model.weight_bits / model.weight_group_size set,
   quant.training=none, the tokenizer path it already references and data.cache_dir pointing
   at the source run's packed data (so evaluation reuses the packs; keep the source run);
-- checkpoints/<step>/state: an orbax checkpoint of `{"params": ...}` only: every Dense kernel
-  and Embed table as int8 (per-output-channel scales) or int4 (jnp.int4, 4 bits an element on
-  disk; `group_size` weights per scale along the contraction axis), its float32 `scale`, and
-  every other param (norms, biases, expert-stacked MoE weights) unchanged;
+- checkpoints/<step>/state: an orbax checkpoint of `{"params": ...}` only: every Dense kernel,
+  Embed table and MoE expert stack (gate / up / down, per expert) as int8 (per-output-channel
+  scales) or int4 (jnp.int4, 4 bits an element on disk; `group_size` weights per scale along
+  the contraction axis), its float32 scale, and every other param (norms, biases, the MoE
+  router, kept float so top-k does not flip) unchanged;
 - quantized.json: source, step, bits, group size and the checkpoint's size on disk.
 """
 
@@ -29,6 +30,7 @@ from flax import nnx
 from lm import storage
 from lm.errors import CheckpointError, ConfigError
 from lm.models.layers.linear import Dense, Embed
+from lm.models.layers.moe import MoE
 from lm.models.transformer import Transformer
 from lm.quantize.numerics import BITS, quantize
 
@@ -67,11 +69,16 @@ def quantize_model(model: Transformer, bits: int, group_size: int) -> Transforme
     for path, qmod in qmodel.iter_modules():
         fmod = source[path]
         values = {}
-        if isinstance(qmod, Dense):
+        if isinstance(qmod, Dense) and qmod.scale is not None:  # not a float-kept router
             values = _dense_values(fmod.kernel.get_value(), qmod, bits, group)
         elif isinstance(qmod, Embed):
             q, scale = _quantize(fmod.embedding.get_value(), -1, bits, group)
             values = {"embedding": q, "scale": scale}
+        elif isinstance(qmod, MoE):  # expert stacks [..., E, in, out], contracting `in`
+            for name in ("gate", "up", "down"):
+                if getattr(fmod, name) is not None:
+                    q, scale = _quantize(getattr(fmod, name).get_value(), -2, bits, group)
+                    values.update({name: q, f"{name}_scale": scale})
         for name, var in vars(qmod).items():
             if isinstance(var, nnx.Param):
                 var.set_value(values[name] if name in values else getattr(fmod, name).get_value())

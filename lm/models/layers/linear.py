@@ -138,8 +138,9 @@ class Embed(nnx.Module):
 
 
 def use_int_weights(model: nnx.Module, bits: int, group_size: int) -> None:
-    """Turns every Dense and Embed under `model` into int storage (weight-only quantization).
-    Other params (norms, biases, expert-stacked MoE weights) stay float."""
+    """Turns every module under `model` that can hold int weights (Dense, Embed, the MoE
+    expert stacks: a `to_int` method) into int storage (weight-only quantization), except
+    those marked `keep_float` (the MoE router). Norms and biases stay float."""
     for _, module in list(model.iter_modules()):
-        if isinstance(module, (Dense, Embed)):
+        if hasattr(module, "to_int") and not getattr(module, "keep_float", False):
             module.to_int(bits, group_size)

@@ -22,6 +22,7 @@ from flax import nnx
 from lm.models.layers.linear import Dense
 from lm.models.layers.mlp import MLP
 from lm.models.layers.moe_dispatch import capacity, capacity_slots, dispatch, grouped_matmul
+from lm.quantize.numerics import dequantize, group_count, int_dtype
 from lm.sharding import constrain
 
 AUX_SCALARS = ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_entropy")
@@ -161,6 +162,37 @@ class MoE(nnx.Module):
             if cfg.num_shared_experts > 0
             else None
         )
+        # The router stays float under weight-only quantization: top-k on rounded logits
+        # would flip near-ties, and it is E columns of d_model, a sliver of the layer.
+        self.router.keep_float = True
+        # Weight-only quantization (`to_int`): float32 scales [..., E, groups, out] per stack.
+        self.gate_scale = nnx.data(None)
+        self.up_scale = nnx.data(None)
+        self.down_scale = nnx.data(None)
+
+    def to_int(self, bits: int, group_size: int) -> None:
+        """Int slots for the expert stacks (same shapes and axes) plus float32 scales with
+        the contraction axis cut into groups (1 per output channel per expert by default);
+        `lm quantize` fills them. Stacked (scanned) layers [layers, E, ...] work too."""
+        for name in ("gate", "up", "down"):
+            param = getattr(self, name)
+            if param is None:
+                continue
+            shape = param.get_value().shape
+            axes = tuple(param.get_metadata().get("axes", ()))
+            groups = group_count(shape[-2], group_size)
+            setattr(self, name, nnx.Param(jnp.zeros(shape, int_dtype(bits)), axes=axes))
+            scale = jnp.ones((*shape[:-2], groups, shape[-1]), jnp.float32)
+            setattr(self, f"{name}_scale", nnx.Param(scale, axes=(*axes[:-2], None, axes[-1])))
+
+    def expert_weight(self, name: str) -> jax.Array:
+        """Expert stack `name` (gate / up: [E, embed, mlp]; down: [E, mlp, embed]) in the
+        compute dtype, dequantized when it is held as ints."""
+        scale = getattr(self, f"{name}_scale")
+        value = getattr(self, name)[...]
+        if scale is None:
+            return value.astype(self.cfg.dtype)
+        return dequantize(value, scale[...], -2, self.cfg.dtype)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
@@ -180,7 +212,7 @@ class MoE(nnx.Module):
             aux["dropped_fraction"] = jnp.zeros((), jnp.float32)
         aux["moe_layer"] = jnp.ones((), jnp.float32)
         names = ("gate", "up", "down") if self.gate is not None else ("up", "down")
-        weights = {n: getattr(self, n)[...].astype(cfg.dtype) for n in names}
+        weights = {n: self.expert_weight(n) for n in names}
         y = dispatch(
             x.astype(cfg.dtype),
             experts,
