@@ -122,6 +122,12 @@ def cmd_sample(args, _overrides) -> int:
     from lm.training.restore import restore_params
 
     graphdef, params, model_cfg, vocab, step = restore_params(args.workdir, args.step)
+    if args.weight_bits:
+        from lm.quantize.weights import quantize_loaded
+
+        graphdef, params, model_cfg = quantize_loaded(
+            graphdef, params, args.weight_bits, args.group_size
+        )
     texts = generate_text(
         graphdef,
         params,
@@ -225,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument(
+        "--weight_bits",
+        type=int,
+        default=0,
+        choices=(0, 8, 4),
+        help="quantize the weights at load time (as `lm quantize` would); 0: as saved",
+    )
+    p.add_argument("--group_size", type=int, default=128, help="int4: weights per scale")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("speedrun", help="the whole lifecycle on the embedded corpus, on CPU")

@@ -445,6 +445,33 @@ def test_sample_from_the_int8_workdir(runs, capsys):
     assert text.startswith("the ") and len(text) > len("the ") + 8
 
 
+def test_load_time_int8_samples_like_the_int8_workdir(runs, capsys):
+    """`lm sample --weight_bits=8` on the fp32 run quantizes at load time: the same int8
+    params, bit for bit, as the `lm quantize` copy's checkpoint, and the same greedy text."""
+    from lm.cli import main
+    from lm.quantize.weights import quantize_loaded
+    from lm.training.restore import restore_params
+
+    graphdef, params, *_ = restore_params(runs["fp32"])
+    _, loaded_params, cfg = quantize_loaded(graphdef, params, 8, 0)
+    saved = dict(nnx.to_flat_state(restore_params(runs["int8"])[1]))
+    flat = dict(nnx.to_flat_state(loaded_params))
+    assert cfg.weight_bits == 8 and flat.keys() == saved.keys()
+    assert sum(v.get_value().dtype == jnp.int8 for v in flat.values()) >= 6 * LAYERS
+    for path, var in flat.items():
+        np.testing.assert_array_equal(var.get_value(), saved[path].get_value(), str(path))
+
+    def greedy(workdir: str, *flags: str) -> str:
+        argv = ["sample", f"--workdir={workdir}", "--prompt=de", "--max_new_tokens=48"]
+        assert main([*argv, "--temperature=0", *flags]) == 0
+        return capsys.readouterr().out
+
+    loaded = greedy(runs["fp32"], "--weight_bits=8")
+    assert loaded == greedy(runs["int8"])
+    assert main(["sample", f"--workdir={runs['int8']}", "--weight_bits=8"]) == 2
+    assert "already int8" in one_line_error(capsys)
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err

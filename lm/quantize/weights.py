@@ -85,6 +85,20 @@ def quantize_model(model: Transformer, bits: int, group_size: int) -> Transforme
     return qmodel
 
 
+def quantize_loaded(graphdef: nnx.GraphDef, params: nnx.State, bits: int, group_size: int):
+    """Load-time weight-only quantization (`lm sample --weight_bits=8`): the restored float
+    model's (graphdef, params, model_cfg) as int weights + scales, the same as sampling from
+    an `lm quantize` copy, without writing one."""
+    model = nnx.merge(graphdef, params)
+    if model.cfg.weight_bits:
+        raise ConfigError(
+            f"--weight_bits: this run is already int{model.cfg.weight_bits}; drop the flag"
+        )
+    qmodel = quantize_model(model, bits, group_size if bits == 4 else 0)
+    qgraphdef, qparams = nnx.split(qmodel, nnx.Param)
+    return qgraphdef, qparams, qmodel.cfg
+
+
 def quantized_config(cfg: ml_collections.ConfigDict, workdir: str, bits: int, group: int):
     """The run config of the quantized copy of `workdir` (see the module docstring)."""
     from lm.data.packed import cache_root
