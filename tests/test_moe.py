@@ -219,6 +219,12 @@ def test_moe_tiny_trains_and_logs_the_expert_load(tmp_path):
         for key in ("moe/load_balance_loss", "moe/router_z_loss", "moe/dropped_fraction"):
             assert np.isfinite(r[key])
     assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    # The report shows the last logged load as a bar chart next to the MoE scalars.
+    with open(os.path.join(workdir, "report.md")) as f:
+        report = f.read()
+    assert "## Expert load" in report and "![expert load](expert_load.png)" in report
+    with open(os.path.join(workdir, "expert_load.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_which_layers_are_moe_and_the_aux_averages_only_those():

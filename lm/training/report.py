@@ -111,6 +111,23 @@ def _fmt_wall(seconds: float | None) -> str:
     return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
 
 
+def _figure(width: float, height: float):
+    """A headless matplotlib Figure (the Agg canvas: no display, no pyplot global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def plot_loss_curve(records: list[dict]) -> bytes | None:
     """PNG bytes of train loss vs step with validation points; None when nothing to plot.
 
@@ -118,16 +135,13 @@ def plot_loss_curve(records: list[dict]) -> bytes | None:
     global matplotlib backend of the calling process. The y axis is logarithmic when the loss spans
     more than a factor of 3, which keeps the late, slow part of training readable.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
 
     train = _series(records, ("train",), "loss")
     val = _series(records, VALIDATION_SPLITS, "loss")
     if not train and not val:
         return None
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure(7, 4)
     ax = fig.add_subplot(1, 1, 1)
     if train:
         ax.plot([s for s, _ in train], [v for _, v in train], label="train", lw=1.2)
@@ -143,10 +157,7 @@ def plot_loss_curve(records: list[dict]) -> bytes | None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)
 
 
 def last_expert_load(records: list[dict]) -> tuple[int, list[float]] | None:
@@ -169,12 +180,8 @@ def plot_expert_load(records: list[dict]) -> bytes | None:
     found = last_expert_load(records)
     if found is None:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     step, load = found
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure(7, 3.5)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(load)), load, color="tab:blue")
     ax.axhline(1.0 / len(load), color="tab:red", ls="--", lw=1, label="balanced (1/E)")
@@ -185,10 +192,7 @@ def plot_expert_load(records: list[dict]) -> bytes | None:
         ax.set_xticks(range(len(load)))
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)
 
 
 def _moe_lines(workdir: str, records: list[dict]) -> list[str]:
