@@ -30,7 +30,9 @@ def command(workdir, corpus, *extra):
                       *extra))  # fmt: skip
 
 
-@pytest.mark.parametrize("per_call", [1, 4])
+# per_call=1 (54 s) runs in `make test-slow`; per_call=4 takes the same kill/resume path through
+# grouped steps, the harder case, and stays in `make test` (kept under ~20 minutes).
+@pytest.mark.parametrize("per_call", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus, per_call):
     env = ENV
     # per_call=4: steps run in groups of 4 per jitted call, logged after each group.
@@ -97,6 +99,7 @@ def test_corrupt_checkpoint_is_skipped(tmp_path, caplog):
     assert "checkpoint 2" in caplog.text and "unreadable" in caplog.text
 
 
+@pytest.mark.slow  # 25 s; `make test-slow`
 def test_profile_steps_write_a_trace(tmp_path, corpus):
     workdir = tmp_path / "profiled"
     run = command(workdir, corpus, "--config.train.steps=6", "--config.train.profile_steps=2")
