@@ -43,6 +43,10 @@ setup(
         # Quantized training (qwix) and grouped-matmul kernels (tokamax) where the backend has them.
         "qwix>=0.1.8,<0.2",
         "tokamax>=0.0.12,<0.1",
+        # `lm serve`: the OpenAI-compatible server and its Prometheus metrics.
+        "fastapi>=0.115,<1",
+        "uvicorn>=0.30,<1",
+        "prometheus_client>=0.20,<1",
     ],
     extras_require={
         # ipython: the notebooks display with IPython.display (Colab has it; the notebook test too).
@@ -62,7 +66,20 @@ setup(
             # pinned torch is the CPU build on this machine's disk (a range would take CUDA's).
             "torch==2.13.0",
             "transformers>=5,<6",
+            # Evaluation and serving tests: lm-eval (also the `eval` extra), the real OpenAI
+            # client, schemathesis fuzzing from the OpenAPI schema, Selenium driving Debian's
+            # chromium for the chat page, nbclient for the notebooks.
+            "lm-eval>=0.4.9,<0.5",
+            "openai>=1.50,<4",
+            "schemathesis>=4,<5",
+            "selenium>=4.20,<5",
+            "nbclient>=0.10,<1",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6,<8",
         ],
+        # `lm eval`: EleutherAI's lm-evaluation-harness runs the tasks (its torch dependency is
+        # satisfied by the CPU build the dev extra pins).
+        "eval": ["lm-eval>=0.4.9,<0.5"],
         # `lm data run --runner=DaskRunner --dask_client_address=HOST:PORT` (lm/curate/cli.py).
         "dask": ["apache-beam[dask]==2.77.0"],
     },

@@ -1,5 +1,5 @@
 """The `lm` command: experiments, tokenizer train, train, sample, plan, convert, quantize, data
-run, speedrun.
+run, eval, serve, speedrun.
 
 User mistakes (unknown experiment, bad override, missing file, bad data) print one line naming
 what to fix and exit with status 2; they never print a stack trace.
@@ -202,6 +202,18 @@ def cmd_data(args, rest) -> int:
     return data_main(rest)
 
 
+def cmd_eval(args, rest) -> int:
+    from lm.evaluation.cli import main as eval_main
+
+    return eval_main(rest)
+
+
+def cmd_serve(args, rest) -> int:
+    from lm.serve.cli import main as serve_main
+
+    return serve_main(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -288,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data curation (`lm data run --pipeline=NAME --output=DIR`)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("eval", help="benchmark and safety evals (`lm eval --workdir=W --tasks=...`)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server and chat page (`lm serve --workdir=W`)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -302,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parser = build_parser()
-    if argv[:1] == ["data"]:
+    if argv[:1] in (["data"], ["eval"], ["serve"]):
         args, rest = parser.parse_args(argv[:1]), argv[1:]
     elif argv[:1] == ["pod"]:
         cut = argv.index("--") if "--" in argv else len(argv)

@@ -20,3 +20,12 @@ class DataError(LMError):
 
 class CheckpointError(LMError):
     """A checkpoint that cannot be used for this config (mismatched tree or shapes)."""
+
+
+class RequestError(LMError):
+    """A generation request the engine cannot run as asked (empty or too-long prompt, a sampling
+    parameter out of range); a server answers it with 400 and this message."""
+
+
+class QueueFull(LMError):
+    """The engine's waiting queue is full; a server answers 429 (retry later)."""

@@ -223,6 +223,35 @@ def _ring_write(cache: LayerCache, k: jax.Array, v: jax.Array, pos: jax.Array) -
     return out
 
 
+def _slot_write(
+    cache: LayerCache, k: jax.Array, v: jax.Array, pos: jax.Array, cache_index: jax.Array
+) -> LayerCache:
+    """Writes new k/v [batch, seq, ...] at slots cache_index... of a full-length cache.
+
+    A scalar index writes every row at the same slots (padding included: its `pos` is -1). A
+    per-row index [batch] writes each row at its own slot and leaves a row's old contents where
+    the new token is padding (`pos` -1): continuous batching runs idle or still-prefilling slots
+    through the decode step as padding, which must not disturb what they hold."""
+    new = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype), "pos": pos}
+    index = jnp.asarray(cache_index)
+    if index.ndim == 0:
+        return {
+            name: jax.lax.dynamic_update_slice_in_dim(cache[name], new[name], index, axis=1)
+            for name in ("k", "v", "pos")
+        }
+
+    def one_row(old: jax.Array, value: jax.Array, keep: jax.Array, i: jax.Array) -> jax.Array:
+        held = jax.lax.dynamic_slice_in_dim(old, i, value.shape[0], axis=0)
+        keep = keep.reshape(keep.shape + (1,) * (value.ndim - 1))
+        return jax.lax.dynamic_update_slice_in_dim(old, jnp.where(keep, held, value), i, axis=0)
+
+    padding = pos < 0  # [batch, seq]
+    return {
+        name: jax.vmap(one_row)(cache[name], new[name], padding, index)
+        for name in ("k", "v", "pos")
+    }
+
+
 class Attention(nnx.Module):
     """Multi-head attention; `num_kv_heads < num_heads` shares each K/V head across a group.
 
@@ -280,10 +309,14 @@ class Attention(nnx.Module):
         if cache is None:
             mask = segment_mask(segment_ids, self.causal, prefix, win if self.causal else 0)
         else:
-            query_pos = cache_index + jnp.arange(x.shape[1])
-            new_pos = jnp.where(segment_ids > 0, query_pos[None], -1).astype(jnp.int32)
+            # cache_index: one start for the whole batch (a scalar), or one per row [batch]
+            # (continuous batching: every decode slot is at its own position).
+            first = jnp.asarray(cache_index)
+            first = first[:, None] if first.ndim == 1 else first
+            query_pos = first + jnp.arange(x.shape[1])  # [seq] or [batch, seq]
+            new_pos = jnp.where(segment_ids > 0, query_pos, -1).astype(jnp.int32)
             if static_window and win > 0:  # ring buffer: attend to [old slots; new tokens]
-                old_pos = jnp.where(cache["pos"] < cache_index, cache["pos"], -1)
+                old_pos = jnp.where(cache["pos"] < first, cache["pos"], -1)
                 key_pos = jnp.concatenate([old_pos, new_pos], axis=1)
                 mask = cache_mask(query_pos, key_pos, win)
                 new_cache = _ring_write(cache, k, v, new_pos)
@@ -291,12 +324,9 @@ class Attention(nnx.Module):
                 v = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
                 cache = new_cache
             else:  # full length: position p at slot p
-                start = (0, cache_index, 0, 0)
-                k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-                pos = jax.lax.dynamic_update_slice(cache["pos"], new_pos, (0, cache_index))
-                cache = {"k": k, "v": v, "pos": pos}
-                mask = cache_mask(query_pos, pos, win)
+                cache = _slot_write(cache, k, v, new_pos, cache_index)
+                k, v = cache["k"], cache["v"]
+                mask = cache_mask(query_pos, cache["pos"], win)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         impl, reason = choose_attention(
             self.implementation,

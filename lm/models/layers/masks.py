@@ -53,9 +53,10 @@ def segment_mask(
 
 
 def cache_mask(query_pos: jax.Array, key_pos: jax.Array, window) -> jax.Array:
-    """KV-cache mask [batch, 1, seq, slots] from query positions [seq] and the absolute
-    position held in each key slot [batch, slots] (-1: empty, never attended)."""
-    q = query_pos[None, :, None]
+    """KV-cache mask [batch, 1, seq, slots] from query positions ([seq], or [batch, seq] when
+    every row is at its own position) and the absolute position held in each key slot
+    [batch, slots] (-1: empty, never attended)."""
+    q = (query_pos[None] if query_pos.ndim == 1 else query_pos)[:, :, None]
     k = key_pos[:, None, :]
     return ((k >= 0) & (k <= q) & in_window(q, k, window))[:, None]
 
