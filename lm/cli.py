@@ -301,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="data curation (`lm data run --pipeline=NAME --output=DIR`)")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("eval", help="benchmark and safety evals (`lm eval --workdir=W --tasks=...`)")
+    p = sub.add_parser(
+        "eval", help="benchmark and safety evals (`lm eval --workdir=W --tasks=a,b`)"
+    )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible server and chat page (`lm serve --workdir=W`)")
+    p = sub.add_parser("serve", help="OpenAI-compatible API and chat page (`lm serve --workdir=W`)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -17,7 +17,6 @@ the stepping thread.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import threading
 from collections.abc import Callable
