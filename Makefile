@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3
 WORKDIR ?= runs/speedrun
 
-.PHONY: install test test-slow speedrun bench lint format clean
+.PHONY: install browser test test-slow speedrun bench lint format clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: lint
+# The chat page's test drives Debian's chromium through chromedriver; installed when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
+test: lint browser
 	$(TEST_ENV) $(BIN)/python -m pytest -q
 
 test-slow: install

@@ -2,8 +2,10 @@
 
 Stages: curate the standard library's source with the Beam data pipeline (clean, filter,
 deduplicate, scrub PII), train a tokenizer on the curated documents, pretrain the `tiny`
-experiment on them (checkpoints, validation, report), then sample from the final checkpoint.
-Each stage's wall time goes into `<workdir>/speedrun.md`.
+experiment on them (checkpoints, validation, report), evaluate the final checkpoint on the
+offline benchmark and safety tasks (lm-eval), then deploy it: `lm serve`'s app on 127.0.0.1,
+one chat request through the official `openai` client, and the server stopped again.
+Each stage's wall time goes into `<workdir>/speedrun.md`, the report card.
 """
 
 from __future__ import annotations
@@ -12,6 +14,36 @@ import os
 import time
 
 from lm.config import get_config
+
+EVAL_TASKS = ["lm_python", "lm_safety"]
+EVAL_LIMIT = 40
+
+
+def _deploy_and_chat(run) -> tuple[str, str]:
+    """Serves the run on a free port, asks one chat question through the `openai` package, and
+    stops the server; returns (question, reply)."""
+    import openai
+
+    from lm.inference.engine import Engine
+    from lm.serve.app import create_app
+    from lm.serve.runner import ServerThread
+
+    rules = tuple(tuple(r) for r in run.cfg.mesh.rules)
+    engine = Engine(
+        run.trainer.graphdef, run.params, run.model_cfg, run.vocab, slots=4, rules=rules
+    )
+    app = create_app(engine, model_name="tiny", api_key="speedrun-key")
+    question = "Write a function that returns the sum of a list."
+    with ServerThread(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="speedrun-key")
+        answer = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=48,
+            temperature=0.7,
+            seed=0,
+        )
+    return question, answer.choices[0].message.content
 
 
 def speedrun(workdir: str) -> int:
@@ -23,7 +55,7 @@ def speedrun(workdir: str) -> int:
         train_tokenizer,
     )
     from lm.training.loop import train
-    from lm.training.restore import restore_params
+    from lm.training.restore import restore_run
 
     os.makedirs(workdir, exist_ok=True)
     timings: list[tuple[str, float]] = []
@@ -31,7 +63,7 @@ def speedrun(workdir: str) -> int:
 
     t0 = time.perf_counter()
     data_dir = os.path.join(workdir, "data")
-    print("== 1/4 data: curate the standard library (Beam DirectRunner)", flush=True)
+    print("== 1/6 data: curate the standard library (Beam DirectRunner)", flush=True)
     if data_main(["run", "--pipeline=stdlib", f"--output={data_dir}"]) != 0:
         return 1
     print(f"   data report: {os.path.join(data_dir, 'data_report.md')}")
@@ -39,7 +71,7 @@ def speedrun(workdir: str) -> int:
     cfg = get_config("tiny", ["--config.data.source=curated", f"--config.data.path={data_dir}"])
 
     t0 = time.perf_counter()
-    print("== 2/4 tokenizer: SentencePiece BPE on the curated documents", flush=True)
+    print("== 2/6 tokenizer: SentencePiece BPE on the curated documents", flush=True)
     spm = train_tokenizer(cfg.data, cfg.tokenizer, os.path.join(workdir, "tokenizer"))
     vocab = load_vocabulary(spm)
     comp = compression_report(vocab, iter_documents(cfg.data, "validation"))
@@ -47,20 +79,44 @@ def speedrun(workdir: str) -> int:
     timings.append(("tokenizer", time.perf_counter() - t0))
 
     t0 = time.perf_counter()
-    print("== 3/4 pretrain `tiny` (resumes if interrupted)", flush=True)
+    print("== 3/6 pretrain `tiny` (resumes if interrupted)", flush=True)
     cfg.tokenizer.path = os.path.abspath(spm)
     train_dir = os.path.join(workdir, "tiny")
     summary = train(cfg, train_dir)
     timings.append(("pretrain", time.perf_counter() - t0))
 
     t0 = time.perf_counter()
-    print("\n== 4/4 evaluate and sample from the final checkpoint", flush=True)
-    graphdef, params, model_cfg, vocab, step = restore_params(train_dir)
+    print("\n== 4/6 sample from the final checkpoint", flush=True)
+    run = restore_run(train_dir)
     prompt = "def "
     text = generate_text(
-        graphdef, params, model_cfg, vocab, [prompt], max_new_tokens=96, temperature=0.7, top_k=40
+        run.trainer.graphdef,
+        run.params,
+        run.model_cfg,
+        run.vocab,
+        [prompt],
+        max_new_tokens=96,
+        temperature=0.7,
+        top_k=40,
     )[0]
+    step = run.step
     timings.append(("sample", time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    print(f"== 5/6 evaluate: {', '.join(EVAL_TASKS)} (lm-eval, offline tasks)", flush=True)
+    from lm.evaluation.cli import run_eval
+    from lm.evaluation.report import markdown_table
+
+    results = run_eval(run, EVAL_TASKS, limit=EVAL_LIMIT, workdir=train_dir)
+    table = markdown_table(results)
+    print(table)
+    timings.append(("evaluate", time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    print("== 6/6 deploy: lm serve on 127.0.0.1, one chat request with the openai client")
+    question, reply = _deploy_and_chat(run)
+    print(f"   user: {question}\n   assistant: {reply!r}")
+    timings.append(("deploy", time.perf_counter() - t0))
 
     val = summary.get("validation", {})
     lines = ["# Speedrun", "", "| stage | seconds |", "|---|---|"]
@@ -79,6 +135,17 @@ def speedrun(workdir: str) -> int:
         "```",
         prompt + text,
         "```",
+        "",
+        f"## Evaluation (lm-eval, up to {EVAL_LIMIT} docs a task)",
+        "",
+        table,
+        "",
+        "## Deployment",
+        "",
+        "`lm serve` answered one chat request from the `openai` client:",
+        "",
+        f"- user: {question}",
+        f"- assistant: {reply!r}",
     ]
     with open(os.path.join(workdir, "speedrun.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
