@@ -8,6 +8,8 @@ setup(
     description="A JAX/TPU-first codebase for the whole life of a language model.",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["lm", "lm.*", "experiments", "data_mixtures", "pipelines"]),
+    # The offline evaluation tasks (YAML + data) and the chat page travel with the package.
+    package_data={"lm": ["evaluation/tasks/*/*", "evaluation/tasks/*/data/*", "serve/static/*"]},
     install_requires=[
         "jax>=0.7,<0.11",
         "flax>=0.12.8,<0.13",
@@ -71,7 +73,7 @@ setup(
             # Evaluation and serving tests: lm-eval (also the `eval` extra), the real OpenAI
             # client, schemathesis fuzzing from the OpenAPI schema, Selenium driving Debian's
             # chromium for the chat page, nbclient for the notebooks.
-            "lm-eval>=0.4.9,<0.5",
+            "lm-eval[api]>=0.4.9,<0.5",
             "schemathesis>=4,<5",
             "selenium>=4.20,<5",
             "nbclient>=0.10,<1",
@@ -80,7 +82,7 @@ setup(
         ],
         # `lm eval`: EleutherAI's lm-evaluation-harness runs the tasks (its torch dependency is
         # satisfied by the CPU build the dev extra pins).
-        "eval": ["lm-eval>=0.4.9,<0.5"],
+        "eval": ["lm-eval[api]>=0.4.9,<0.5"],
         # `lm data run --runner=DaskRunner --dask_client_address=HOST:PORT` (lm/curate/cli.py).
         "dask": ["apache-beam[dask]==2.77.0"],
     },

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 
@@ -33,6 +34,7 @@ from lm.inference.requests import Output, Request, Result, SamplingParams, check
 from lm.inference.sampling import TOP_LOGPROBS
 
 __all__ = ["Engine", "Output", "QueueFull", "Result", "SamplingParams"]
+log = logging.getLogger(__name__)
 
 
 def _bucket(n: int, chunk: int) -> int:
@@ -182,7 +184,23 @@ class Engine:
                     self._lock.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - logged; the requests in flight end, serving goes on
+                log.exception("engine step failed; ending the requests in flight")
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        """Ends every request with finish_reason "error" and starts from an empty cache (a
+        failed step may have consumed the donated one)."""
+        with self._lock:
+            requests = [r for r in self._slot if r is not None] + list(self._waiting)
+            self._waiting.clear()
+            for slot in range(self.slots):
+                self._free(slot)
+        for request in requests:
+            request.callback_output(request.finish("error"))
+        self._cache = self._new_cache()
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._cancelled or any(r is not None for r in self._slot))
@@ -250,9 +268,9 @@ class Engine:
         self._slot[slot] = request
         request.slot = slot
         seed = p.seed if p.seed is not None else int(self._rng.integers(2**31 - 1))
-        self._keys[slot] = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)))
+        self._keys[slot] = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed % 2**63)))
         self._temperature[slot], self._top_p[slot] = p.temperature, p.top_p
-        self._top_k[slot], self._counts[slot] = p.top_k, 0
+        self._top_k[slot], self._counts[slot] = min(p.top_k, self.model_cfg.vocab_size), 0
         self._active[slot] = False
 
     def _free(self, slot: int) -> None:
@@ -285,7 +303,7 @@ class Engine:
         key = jax.random.fold_in(jax.random.wrap_key_data(self._keys[slot]), 0)
         inputs = (slot, tokens, following, start, n, jax.random.key_data(key))
         inputs += (self._temperature[slot], self._top_k[slot], self._top_p[slot])
-        with self._sharding():
+        with self._sharding(one_row=True):
             self._cache, *out = steps.prefill(
                 self.graphdef,
                 self.params,
@@ -333,10 +351,15 @@ class Engine:
 
     # -- devices -------------------------------------------------------------------------------
 
-    def _sharding(self):
+    def _sharding(self, one_row: bool = False):
+        """The activation rules inside the steps; a one-row prefill leaves its batch of 1
+        unsharded on purpose (instead of the rules' warning that 1 does not divide)."""
         if self.mesh is None:
             return _null()
-        return sharding.activation_sharding(self.mesh, self.rules)
+        rules = self.rules
+        if one_row:
+            rules = tuple((name, None if name == "batch" else to) for name, to in rules)
+        return sharding.activation_sharding(self.mesh, rules)
 
     def _device(self, inputs: tuple) -> tuple:
         """Host values as device arrays: replicated over the params' mesh (on a pod every
@@ -356,11 +379,12 @@ class Engine:
         if self.mesh is None:
             return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
 
-        def spec(a):
+        def spec(a):  # a slot count the data axis does not divide is replicated (warned)
             lead = ("layers",) if a.ndim in (3, 5) and self._batch_axis == 1 else ()
             tail = ("batch", None, "kv_heads", "head_dim")[: a.ndim - len(lead)]
             axes = lead + tail
-            return NamedSharding(self.mesh, sharding.logical_to_spec(axes, self.rules))
+            spec = sharding.logical_to_spec(axes, self.rules, a.shape, self.mesh)
+            return NamedSharding(self.mesh, spec)
 
         shardings = jax.tree.map(spec, abstract)
         make = jax.jit(lambda: model.init_cache(self.slots, self.max_len), out_shardings=shardings)

@@ -41,7 +41,7 @@ class Output:
     logprobs: list[float]
     top_logprobs: list[dict[int, float]]
     finished: bool
-    finish_reason: str | None  # "stop", "length", "abort"
+    finish_reason: str | None  # "stop", "length", "abort" (cancelled), "error" (a failed step)
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: list[float | None] | None = None
