@@ -252,3 +252,32 @@ def test_bad_requests_are_one_line_errors(llama, prompt, params, message):
     engine = engine_for(model, mc, slots=1)
     with pytest.raises(RequestError, match=message):
         engine.submit(prompt, params)
+
+
+def test_a_failed_step_ends_the_requests_in_flight_and_serving_goes_on(llama, monkeypatch):
+    """A decode step that raises (say, a device error) ends every running and waiting request
+    with finish_reason "error" instead of leaving its caller waiting; the engine thread lives
+    on and serves the next request from a fresh cache."""
+    from lm.inference import steps
+
+    mc, model = llama
+    engine = engine_for(model, mc, slots=1)
+    real, calls = steps.decode, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated device failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "decode", failing_once)
+    engine.start()
+    try:
+        batch = prompts(2, seed=10)
+        failed = engine.generate(batch, GREEDY)
+        assert [r.finish_reason for r in failed] == ["error", "error"]
+        assert engine.running
+        again = engine.generate([batch[0]], GREEDY)[0]
+    finally:
+        engine.shutdown()
+    assert again.token_ids == reference_greedy(model, batch[0], GREEDY.max_tokens)

@@ -25,11 +25,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from lm import sharding
 from lm.errors import QueueFull, RequestError
-from lm.inference import steps
+from lm.inference import placement, steps
 from lm.inference.requests import Output, Request, Result, SamplingParams, check_request
 from lm.inference.sampling import TOP_LOGPROBS
 
@@ -65,9 +64,9 @@ class Engine:
         self.start_id = getattr(vocab, "start_id", vocab.bos_id)
         leaf = jax.tree.leaves(params)[0]
         self.mesh = leaf.sharding.mesh if isinstance(leaf.sharding, NamedSharding) else None
-        self.rules = rules if rules is not None else (sharding_rules(self.mesh))
+        self.rules = rules if rules is not None else placement.default_rules(self.mesh)
         self._batch_axis = 1 if model_cfg.scan_layers else 0
-        self._cache = self._new_cache()
+        self._cache = placement.empty_cache(self)
         s = slots
         self._tokens, self._index = np.zeros(s, np.int32), np.zeros(s, np.int32)
         self._active, self._counts = np.zeros(s, bool), np.zeros(s, np.int32)
@@ -200,7 +199,7 @@ class Engine:
                 self._free(slot)
         for request in requests:
             request.callback_output(request.finish("error"))
-        self._cache = self._new_cache()
+        self._cache = placement.empty_cache(self)
 
     def _has_work(self) -> bool:
         return bool(self._waiting or self._cancelled or any(r is not None for r in self._slot))
@@ -303,17 +302,17 @@ class Engine:
         key = jax.random.fold_in(jax.random.wrap_key_data(self._keys[slot]), 0)
         inputs = (slot, tokens, following, start, n, jax.random.key_data(key))
         inputs += (self._temperature[slot], self._top_k[slot], self._top_p[slot])
-        with self._sharding(one_row=True):
+        with placement.step_rules(self.mesh, self.rules, one_row=True):
             self._cache, *out = steps.prefill(
                 self.graphdef,
                 self.params,
                 self._cache,
-                *self._device(inputs),
+                *placement.to_devices(self.mesh, inputs),
                 batch_axis=self._batch_axis,
                 with_prompt_logprobs=with_prompt,
                 with_top=with_top,
             )
-        token, chosen, top, prompt_lp, prompt_top = _host(out)
+        token, chosen, top, prompt_lp, prompt_top = placement.to_host(out)
         if with_prompt:
             request.add_prompt_logprobs(prompt_lp[: n - (start + n == len(prompt))], prompt_top)
         request.cursor += n
@@ -329,11 +328,15 @@ class Engine:
         with_top = any(r is not None and r.params.logprobs for r in self._slot)
         inputs = (self._tokens, self._index, self._active, self._keys, self._counts)
         inputs += (self._temperature, self._top_k, self._top_p)
-        with self._sharding():
+        with placement.step_rules(self.mesh, self.rules):
             self._cache, *out = steps.decode(
-                self.graphdef, self.params, self._cache, *self._device(inputs), with_top=with_top
+                self.graphdef,
+                self.params,
+                self._cache,
+                *placement.to_devices(self.mesh, inputs),
+                with_top=with_top,
             )
-        token, chosen, top = _host(out)
+        token, chosen, top = placement.to_host(out)
         for slot in np.flatnonzero(self._active):
             request = self._slot[slot]
             self._index[slot] += 1
@@ -348,71 +351,6 @@ class Engine:
             with self._lock:
                 self._free(slot)
         request.callback_output(out)
-
-    # -- devices -------------------------------------------------------------------------------
-
-    def _sharding(self, one_row: bool = False):
-        """The activation rules inside the steps; a one-row prefill leaves its batch of 1
-        unsharded on purpose (instead of the rules' warning that 1 does not divide)."""
-        if self.mesh is None:
-            return _null()
-        rules = self.rules
-        if one_row:
-            rules = tuple((name, None if name == "batch" else to) for name, to in rules)
-        return sharding.activation_sharding(self.mesh, rules)
-
-    def _device(self, inputs: tuple) -> tuple:
-        """Host values as device arrays: replicated over the params' mesh (on a pod every
-        process passes the same values, so all hold the same global array)."""
-        if self.mesh is None:
-            return tuple(np.asarray(x) for x in inputs)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        out = []
-        for x in inputs:
-            x = np.asarray(x)
-            out.append(jax.make_array_from_callback(x.shape, replicated, lambda i, x=x: x[i]))
-        return tuple(out)
-
-    def _new_cache(self):
-        model = nnx.merge(self.graphdef, self.params)
-        abstract = jax.eval_shape(lambda: model.init_cache(self.slots, self.max_len))
-        if self.mesh is None:
-            return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-
-        def spec(a):  # a slot count the data axis does not divide is replicated (warned)
-            lead = ("layers",) if a.ndim in (3, 5) and self._batch_axis == 1 else ()
-            tail = ("batch", None, "kv_heads", "head_dim")[: a.ndim - len(lead)]
-            axes = lead + tail
-            spec = sharding.logical_to_spec(axes, self.rules, a.shape, self.mesh)
-            return NamedSharding(self.mesh, spec)
-
-        shardings = jax.tree.map(spec, abstract)
-        make = jax.jit(lambda: model.init_cache(self.slots, self.max_len), out_shardings=shardings)
-        return make()
-
-
-def sharding_rules(mesh):
-    """The default logical-axis rules (lm.config's mesh.rules) for an engine on `mesh`."""
-    if mesh is None:
-        return None
-    from lm.config import default_config
-
-    return tuple(tuple(r) for r in default_config().mesh.rules)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _host(values) -> list:
-    """Device outputs as numpy, gathered from every process on a pod."""
-    from lm.inference.sample import fetch
-
-    return [jax.tree.map(fetch, v) if v is not None else None for v in values]
 
 
 def _row_top(top, row: int) -> dict[int, float] | None:

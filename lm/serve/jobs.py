@@ -140,6 +140,8 @@ class Job:
                         raise EngineStopped("the engine stopped; the request cannot finish")
                     continue
                 (choice, out), getter = getter.result(), None
+                if out.finish_reason == "error":  # a failed engine step (logged there)
+                    raise EngineStopped("the engine failed while running the request")
                 yield choice, self._delta(choice, out)
         finally:
             if getter is not None:
