@@ -76,6 +76,7 @@ setup(
             "lm-eval[api]>=0.4.9,<0.5",
             "schemathesis>=4,<5",
             "selenium>=4.20,<5",
+            "aiohttp>=3.9,<4",  # the 64-client streaming load test
             "nbclient>=0.10,<1",
             "nbformat>=5.10,<6",
             "ipykernel>=6,<8",
