@@ -70,6 +70,7 @@ def _outcomes(out: str) -> tuple[dict, dict]:
     return kept, rejected
 
 
+@pytest.mark.slow  # ~60 s: a dask.distributed cluster; the DaskRunner is an optional extra
 def test_dask_cluster_output_equals_the_direct_runner(corpus, dask_cluster, tmp_path, capsys):
     tmp, expected, overrides = corpus
     address, trace, worker_pids = dask_cluster

@@ -153,6 +153,7 @@ def test_curriculum_config_errors():
         Curriculum.from_config(cfg)
 
 
+@pytest.mark.slow  # ~50 s of training; the schedule itself is checked by the fast tests above
 def test_training_follows_the_seq_len_warmup(corpus, tmp_path):
     """The loop trains through the changing row length (one compile per length)."""
     from lm.training.loop import train

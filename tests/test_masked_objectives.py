@@ -31,7 +31,9 @@ OVERRIDES = [
 ]
 
 
-@pytest.mark.parametrize("experiment", ["bert_tiny", "t5_span_tiny"])
+@pytest.mark.parametrize(
+    "experiment", ["bert_tiny", pytest.param("t5_span_tiny", marks=pytest.mark.slow)]
+)
 def test_masked_objective_loss_falls(experiment, tmp_path):
     from lm.training.loop import train
 

@@ -110,6 +110,7 @@ def test_profile_steps_write_a_trace(tmp_path, corpus):
     assert "profiler trace up to step 3" in result.stderr
 
 
+@pytest.mark.slow  # ~40 s; test_sigterm_saves_a_checkpoint_and_exits stays in make test
 def test_sigterm_during_a_checkpoint_call_saves_once(tmp_path, corpus):
     """A signal that arrives during a call ending on a checkpoint step: one save, exit 143."""
     workdir = tmp_path / "term_ckpt"

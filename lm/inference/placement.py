@@ -49,10 +49,17 @@ def to_devices(mesh, inputs: tuple) -> tuple:
     return tuple(out)
 
 
+def fetch(out: jax.Array) -> np.ndarray:
+    """The whole array on this host (gathered from every process on a pod)."""
+    if jax.process_count() == 1 or out.is_fully_addressable:
+        return np.asarray(out)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+
+
 def to_host(values) -> list:
     """A step's outputs as numpy (None stays None), gathered from every process on a pod."""
-    from lm.inference.sample import fetch
-
     return [jax.tree.map(fetch, v) if v is not None else None for v in values]
 
 

@@ -7,20 +7,10 @@ across processes); each gets every completion.
 
 from __future__ import annotations
 
-import jax
-import numpy as np
 from flax import nnx
 
+from lm.inference.engine import Engine, SamplingParams
 from lm.models.transformer import ModelConfig
-
-
-def fetch(out: jax.Array) -> np.ndarray:
-    """The whole array on this host (gathered from every process on a pod)."""
-    if jax.process_count() == 1 or out.is_fully_addressable:
-        return np.asarray(out)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
 
 def generate_text(
@@ -39,8 +29,6 @@ def generate_text(
 ) -> list[str]:
     """`num_samples` completions of each prompt, in order; each stops at EOS. A prompt longer
     than the context leaves room for the completion by keeping its last tokens."""
-    from lm.inference.engine import Engine, SamplingParams
-
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     max_new_tokens = min(max_new_tokens, model_cfg.max_seq_len - 1)
