@@ -167,6 +167,7 @@ def _lm_data(args: list[str]) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # ~25 s: two full `lm data run` processes to compare their output
 def test_lm_data_run_is_quiet_unless_verbose(tmp_path):
     corpus = tmp_path / "c"
     corpus.mkdir()

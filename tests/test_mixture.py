@@ -68,6 +68,7 @@ def vocab_for(tmp_path_factory):
     return root, load_vocabulary(path)
 
 
+@pytest.mark.slow  # ~25 s of training; the mixture sampling itself is checked above
 def test_trained_mixture_proportions_match_rates(tmp_path):
     """`lm train` on a two-component mixture: the rows it trained on follow the rates, which
     `lm data pack` read back from the seqio Mixture it registered and wrote to plan.json."""

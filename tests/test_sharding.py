@@ -72,7 +72,8 @@ def run(mesh_shape, devices, extra=()):
     return trainer, state, losses
 
 
-@pytest.mark.parametrize("llama", [False, True])
+# The GPT-2 layout is `make test-slow` (~30 s); the Llama layout (GQA, RoPE) stays in make test.
+@pytest.mark.parametrize("llama", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_losses_agree_across_meshes(llama):
     extra = (
         [
