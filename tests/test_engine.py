@@ -69,7 +69,10 @@ def test_greedy_alone_equals_among_15_others_equals_the_full_forward_loop(llama)
     together = engine.generate(batch, GREEDY)
     assert together[5].token_ids == alone.token_ids
     assert alone.finish_reason == "length" and len(alone.token_ids) == GREEDY.max_tokens
-    for i in (0, 5, 11):  # prompts of different lengths, two of them over one 32-token chunk
+    # Prompts of 3 to 41 tokens; those over one 32-token chunk are prefilled over two engine
+    # steps while others decode (the decode step must leave their half-filled rows alone).
+    assert sum(len(p) > 32 for p in batch) >= 2
+    for i in range(16):
         assert together[i].token_ids == reference_greedy(model, batch[i], GREEDY.max_tokens)
     assert len({tuple(r.token_ids) for r in together}) > 8  # the outputs depend on the prompt
 
@@ -186,9 +189,10 @@ def test_top_k_one_is_greedy_and_stop_strings_are_held_back(llama):
     greedy = engine.generate([prompt], GREEDY)[0]
     k1 = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=5.0, top_k=1))[0]
     assert k1.token_ids == greedy.token_ids
-    # Stop at the 4th generated token's text: the text is cut before it, and no streamed delta
-    # ever showed a piece of it.
-    stop = f"<{greedy.token_ids[3]}>"
+    # A stop string spanning the 4th token's text and the start of the 5th's: the 4th token's
+    # text is held back (it could be the start of the stop string), the text is cut before it,
+    # and no streamed delta ever showed a piece of it.
+    stop = f"<{greedy.token_ids[3]}><{str(greedy.token_ids[4])[0]}"
     deltas = []
     params = SamplingParams(max_tokens=12, temperature=0.0, stop=(stop,))
     engine.submit(prompt, params, lambda out: deltas.append(out))
