@@ -28,10 +28,7 @@ def _deploy_and_chat(run) -> tuple[str, str]:
     from lm.serve.app import create_app
     from lm.serve.runner import ServerThread
 
-    rules = tuple(tuple(r) for r in run.cfg.mesh.rules)
-    engine = Engine(
-        run.trainer.graphdef, run.params, run.model_cfg, run.vocab, slots=4, rules=rules
-    )
+    engine = Engine.from_run(run, slots=4)
     app = create_app(engine, model_name="tiny", api_key="speedrun-key")
     question = "Write a function that returns the sum of a list."
     with ServerThread(app) as url:

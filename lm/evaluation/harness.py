@@ -228,7 +228,8 @@ class LMEvalModel(TemplateLM):
             from lm.inference.engine import Engine
 
             p = self.parts  # the engine finds the mesh on the params' shardings
-            # Its KV cache splits the slots over the batch axes, so they must divide evenly.
+            # Slots rounded up to a multiple of the batch shards, so the KV cache is split over
+            # them (the engine would replicate it otherwise).
             shards = self.scorer.row_shards
             slots = -(-self.slots // shards) * shards
             self._engine = Engine(

@@ -27,15 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm import sharding
 from lm.errors import LMError
-
-MIN_BUCKET = 16
+from lm.inference.steps import bucket_length
 
 Request = tuple[Sequence[int], Sequence[int]]
-
-
-def bucket_length(n: int, max_len: int) -> int:
-    """The padded length of an n-token row: the next power of two (>= 16), at most max_len."""
-    return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), max_len)
 
 
 def model_inputs(

@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 MIN_ATTEND = 256  # the smallest attention length a decode block compiles for
 
 
-def _bucket(n: int, chunk: int) -> int:
-    return min(max(16, 1 << (n - 1).bit_length()), chunk)
-
-
 class Engine:
     """Continuous batching over `slots` decode slots of `model_cfg.max_seq_len` tokens each."""
 
@@ -103,7 +99,14 @@ class Engine:
         """An engine on a run's newest (or given) checkpoint, optionally int8/int4 weights."""
         from lm.training.restore import restore_run
 
-        run = restore_run(workdir, step)
+        return cls.from_run(
+            restore_run(workdir, step), weight_bits=weight_bits, group_size=group_size, **kwargs
+        )
+
+    @classmethod
+    def from_run(cls, run, *, weight_bits: int = 0, group_size: int = 128, **kwargs) -> Engine:
+        """An engine on a restored run (`lm.training.restore.restore_run`), with its mesh
+        rules; optionally int8/int4 weights."""
         graphdef, params, model_cfg = run.trainer.graphdef, run.params, run.model_cfg
         if weight_bits:
             from lm.quantize.weights import quantize_loaded
@@ -297,7 +300,7 @@ class Engine:
     def _prefill_chunk(self, slot: int, request: Request) -> int:
         prompt, start = request.prompt, request.cursor
         n = min(len(prompt) - start, self.chunk)
-        bucket = min(_bucket(n, self.chunk), self.max_len - start)
+        bucket = min(steps.bucket_length(n, self.chunk), self.max_len - start)
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :n] = prompt[start : start + n]
         following = np.zeros(bucket, np.int32)
@@ -338,7 +341,7 @@ class Engine:
         k = self.decode_steps
         with_top = any(r is not None and r.params.logprobs for r in self._slot)
         reach = int(self._index[self._active].max()) + k  # positions the block may write
-        attend = min(max(MIN_ATTEND, 1 << (reach - 1).bit_length()), self.max_len)
+        attend = steps.bucket_length(reach, self.max_len, MIN_ATTEND)
         inputs = (self._tokens, self._index, self._active, self._keys, self._counts)
         inputs += (self._temperature, self._top_k, self._top_p)
         with placement.step_rules(self.mesh, self.rules):

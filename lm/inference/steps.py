@@ -31,6 +31,12 @@ from flax import nnx
 from lm.inference.sampling import choose_tokens, token_logprobs
 
 
+def bucket_length(n: int, max_len: int, minimum: int = 16) -> int:
+    """The padded length of n tokens: the next power of two (at least `minimum`), at most
+    max_len; one compile per bucket rather than per length (prefill, decode, scoring)."""
+    return min(max(minimum, 1 << max(n - 1, 0).bit_length()), max_len)
+
+
 class Static:
     """A jit static argument hashed and compared by identity. Used for the model's graphdef:
     nnx's structural hash walks the whole graph, ~1 ms on every call of a step."""
