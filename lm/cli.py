@@ -1,5 +1,5 @@
-"""The `lm` command: experiments, tokenizer train, train, sample, plan, convert, quantize, data
-run, eval, serve, speedrun.
+"""The `lm` command: experiments, tokenizer train, train, finetune, sample, plan, convert,
+quantize, data run, eval, serve, speedrun.
 
 User mistakes (unknown experiment, bad override, missing file, bad data) print one line naming
 what to fix and exit with status 2; they never print a stack trace.
@@ -88,6 +88,35 @@ def cmd_train(args, overrides) -> int:
         print(f"--- sample ---\n{prompt}{text}")
     if summary.get("report"):
         print(f"report: {summary['report']}")
+    return 0
+
+
+def cmd_finetune(args, overrides) -> int:
+    from lm import distributed
+    from lm.config import get_config
+
+    extra = [f"--config.finetune.init={args.init}"] if args.init else []
+    cfg = get_config(args.experiment, [*overrides, *extra])
+    distributed.initialize()
+    from lm.finetune.run import finetune
+    from lm.training.guards import Preempted
+
+    try:
+        summary = finetune(cfg, args.workdir)
+    except Preempted as e:
+        return 128 + e.signum
+    import jax
+
+    if jax.process_index():
+        return 0
+    before, after = summary.get("validation_before") or {}, summary.get("validation") or {}
+    lines = summary.get("lines") or [
+        f"{key:24s} before {before.get(key, float('nan')):10.4f}  after {after[key]:10.4f}"
+        for key in sorted(after)
+        if isinstance(after[key], float)
+    ]
+    print("\n".join(lines))
+    print(f"finetuned: {args.workdir}")
     return 0
 
 
@@ -225,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _experiment_parser(sub, "train", "train (or resume) an experiment in a workdir")
     p.add_argument("--workdir", required=True)
     p.set_defaults(func=cmd_train)
+
+    p = _experiment_parser(
+        sub, "finetune", "SFT / LoRA / domain adaptation / RM / DPO / PPO / GRPO from a checkpoint"
+    )
+    p.add_argument("--init", default="", help="the run to start from: a workdir, or hf:DIR")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(func=cmd_finetune)
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_command", required=True

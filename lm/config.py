@@ -206,7 +206,64 @@ def default_config() -> ml_collections.ConfigDict:
             module_paths=".*",
         )
     )
+    c.finetune = finetune_defaults()
     return c
+
+
+def finetune_defaults() -> ml_collections.ConfigDict:
+    """`lm finetune`: what to start from, on which data, with which objective (lm/finetune)."""
+    return ml_collections.ConfigDict(
+        dict(
+            # sft | lm (continued pretraining, domain adaptation) | rm | dpo | ppo | grpo
+            method="sft",
+            init="",  # the run to start from: a workdir, or hf:DIR (a Hugging Face checkpoint)
+            # JSONL (local or gs://), or project-made data: stdlib:instructions |
+            # stdlib:preferences | stdlib:verifiable (lm/finetune/make_data.py)
+            data="",
+            eval_data="",  # "": a held-out slice of `data` (eval_fraction)
+            eval_fraction=0.1,
+            max_examples=0,  # 0: all
+            # lm-eval tasks run on the init model and on the result (before / after), e.g.
+            # lm_py_perplexity: what was kept or forgotten, next to what was learned
+            eval_tasks="",
+            eval_limit=0,  # docs per eval task; 0: all
+            domain="",  # method lm on a mixture: the component that is the new domain
+            lora=ml_collections.ConfigDict(
+                dict(
+                    rank=0,  # 0: full fine-tuning
+                    alpha=16.0,  # the update is scaled by alpha / rank
+                    dropout=0.0,
+                    # regex over module paths like blocks/0/attn/q, blocks/1/mlp/down
+                    pattern=r".*(attn/(q|k|v|o)|mlp/(gate|up|down))$",
+                )
+            ),
+            dpo=ml_collections.ConfigDict(
+                # nll_weight > 0: RPO, DPO plus that times the chosen answers' NLL per token
+                dict(beta=0.1, label_smoothing=0.0, reference_free=False, nll_weight=0.0)
+            ),
+            rl=ml_collections.ConfigDict(
+                dict(
+                    prompts_per_step=8,
+                    group_size=4,  # GRPO: samples per prompt (G)
+                    max_new_tokens=24,
+                    temperature=1.0,
+                    top_p=1.0,
+                    clip_eps=0.2,
+                    kl_beta=0.04,  # GRPO: KL to the reference (k3 estimator)
+                    reward="signature",  # a name in lm/finetune/rewards.py, or module:function
+                    reward_model="",  # PPO: the workdir of an `rm` run
+                    kl_coef=0.05,  # PPO: initial KL penalty coefficient
+                    kl_target=6.0,  # PPO: adaptive KL target (nats per sequence)
+                    kl_horizon=10000,
+                    gamma=1.0,
+                    lam=0.95,
+                    value_clip=0.2,
+                    value_coef=0.1,
+                    ppo_epochs=1,
+                )
+            ),
+        )
+    )
 
 
 def mixture_component(

@@ -115,6 +115,15 @@ class Engine:
         kwargs.setdefault("rules", tuple(tuple(r) for r in run.cfg.mesh.rules))
         return cls(graphdef, params, model_cfg, run.vocab, **kwargs)
 
+    def set_params(self, params: nnx.State) -> None:
+        """New weights of the same shapes and shardings (an RL policy after an update); the
+        compiled steps and the cache are kept. Call between `generate` calls, not while
+        requests run."""
+        leaves, tree = jax.tree.flatten(params)
+        if tree != self._param_tree:
+            raise ValueError("set_params: the params' structure differs from the engine's")
+        self.params, self._param_leaves = params, leaves
+
     # -- requests ------------------------------------------------------------------------------
 
     def encode_prompt(self, text: str) -> list[int]:

@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -63,14 +64,20 @@ def tokenizer_path(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     return tokenizer_file(cfg, workdir)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary."""
+def train(
+    cfg: ml_collections.ConfigDict, workdir: str, initial_params: Any = None
+) -> dict[str, Any]:
+    """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary.
+    `initial_params` (continued pretraining from a checkpoint) replace the fresh init; the
+    summary then also holds their validation as "validation_before"."""
     init_distributed()
     with StopRequests() as stop:
-        return _train(cfg, workdir, stop)
+        return _train(cfg, workdir, stop, initial_params)
 
 
-def _train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) -> dict[str, Any]:
+def _train(
+    cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests, initial_params: Any = None
+) -> dict[str, Any]:
     storage.makedirs(workdir)
     primary = jax.process_index() == 0
     mesh = sharding.make_mesh(cfg.mesh)
@@ -125,65 +132,105 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) -> 
             memory.argument_size_in_bytes / 2**20,
         )
 
-    ckpt = Checkpointer(
-        storage.join(workdir, "checkpoints"),
-        keep=cfg.train.keep_checkpoints,
-        async_save=cfg.train.async_checkpoints,
-    )
-    try:
-        data_iter = make_train_iterator(
-            cfg, vocab, workdir, jax.process_index(), jax.process_count()
-        )
-        restored = ckpt.restore_latest(trainer.abstract_state)
-        if restored is not None:
-            state, data_state, start = restored
-            data_iter.set_state(data_state)
-            logging.info("resumed from checkpoint %d in %s", start, ckpt.directory)
-        else:
-            state, start = trainer.init_state(), 0
-        writer = MetricsWriter(workdir, is_primary=primary)
-        writer.truncate_after(start + 1)  # keep what was logged up to the checkpoint
-        try:
-            state, summary = _loop(
-                cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, data_iter,
-                ckpt, writer, stop,
-            )  # fmt: skip
-        finally:
-            writer.close()
-    finally:
-        ckpt.close()
+    data_iter = make_train_iterator(cfg, vocab, workdir, jax.process_index(), jax.process_count())
+    validation = pretraining_validation(cfg, workdir, trainer, vocab, data_iter.names)
+    initial_state = before = None
+    if initial_params is not None:
+        before = validation(initial_params)
 
+        def initial_state():
+            return trainer.state_from_params(initial_params)
+
+    state, summary = run_training(
+        cfg, workdir, trainer, data_iter, validation, stop, curriculum, initial_state
+    )
+    if before is not None:
+        summary["validation_before"] = before
     summary.update(finish_run(cfg, workdir, trainer, state.params, model_cfg, vocab))
     if stop.agreed():  # a signal during the final evaluation or sampling
         raise Preempted(stop.signum)
     return summary
 
 
-def _loop(cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, data_iter, ckpt,
-          writer, stop):  # fmt: skip
+def pretraining_validation(cfg, workdir, trainer, vocab, names) -> Callable[[Any], dict]:
+    """params -> validation loss / perplexity / bits per byte over the packed validation split,
+    plus each mixture component's own loss ("loss/<name>")."""
+    index, count_ = jax.process_index(), jax.process_count()
+    eval_batches = make_eval_batches(cfg, vocab, workdir, cfg.train.eval_batches, index, count_)
+    component_batches = {
+        name: make_eval_batches(cfg, vocab, workdir, cfg.train.eval_batches, index, count_, name)
+        for name in (names if len(names) > 1 else ())
+    }
+    objective = cfg.data.objective
+    bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir) if objective == "lm" else None
+
+    def validation(params) -> dict:
+        val = evaluate(trainer, params, eval_batches, bytes_per_token)
+        for name, batches in component_batches.items():
+            val[f"loss/{name}"] = evaluate(trainer, params, batches, None)["loss"]
+        return val
+
+    return validation
+
+
+def run_training(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    trainer: Trainer,
+    data_iter: Any,
+    validation: Callable[[Any], dict],
+    stop: StopRequests,
+    curriculum: Curriculum | None = None,
+    initial_state: Callable[[], Any] | None = None,
+    before_batch: Callable[[Any, int], dict | None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The one train loop of every objective: resume from the newest checkpoint (or start from
+    `initial_state()`, default a fresh init), run the steps, log, validate, checkpoint.
+
+    `data_iter` yields host-local batches and has `get_state` / `set_state` (saved in
+    checkpoints) and `names` / `rows_taken` (mixture components). `before_batch(state, step)`
+    runs before each batch is drawn: an online objective (PPO, GRPO) generates it from the
+    current params there."""
+    curriculum = curriculum or Curriculum.from_config(cfg)
+    ckpt = Checkpointer(
+        storage.join(workdir, "checkpoints"),
+        keep=cfg.train.keep_checkpoints,
+        async_save=cfg.train.async_checkpoints,
+    )
+    try:
+        restored = ckpt.restore_latest(trainer.abstract_state)
+        if restored is not None:
+            state, data_state, start = restored
+            data_iter.set_state(data_state)
+            logging.info("resumed from checkpoint %d in %s", start, ckpt.directory)
+        else:
+            state = initial_state() if initial_state is not None else trainer.init_state()
+            start = 0
+        writer = MetricsWriter(workdir, is_primary=jax.process_index() == 0)
+        writer.truncate_after(start + 1)  # keep what was logged up to the checkpoint
+        try:
+            return _loop(
+                cfg, workdir, trainer, curriculum, state, start, data_iter, ckpt, writer, stop,
+                validation, before_batch,
+            )  # fmt: skip
+        finally:
+            writer.close()
+    finally:
+        ckpt.close()
+
+
+def _loop(cfg, workdir, trainer, curriculum, state, start, data_iter, ckpt, writer, stop,
+          validate, before_batch):  # fmt: skip
     """Steps from `start` to `train.steps`; returns (state, summary)."""
     primary = jax.process_index() == 0
-    objective = cfg.data.objective
-    index, count_ = jax.process_index(), jax.process_count()
     progress = ProgressLine(total_steps=cfg.train.steps, is_primary=primary)
-    eval_batches = make_eval_batches(cfg, vocab, workdir, cfg.train.eval_batches, index, count_)
-    # A mixture also reports each component's own validation loss ("loss/<name>").
-    component_batches = {
-        name: make_eval_batches(
-            cfg, vocab, workdir, cfg.train.eval_batches, index, count_, name
-        )
-        for name in (data_iter.names if len(data_iter.names) > 1 else ())
-    }  # fmt: skip
-    bytes_per_token = validation_bytes_per_token(cfg, vocab, workdir) if objective == "lm" else None
+    model_cfg = trainer.model_cfg
     flops_per_token = model_flops_per_token(_resolved_model_cfg(cfg, model_cfg), cfg.data.seq_len)
     peak = peak_flops_per_device(jax.devices()[0])
     guard = SkipGuard(cfg.optim.get("max_consecutive_skips", 20))
 
     def validation():
-        val = evaluate(trainer, state.params, eval_batches, bytes_per_token)
-        for name, batches in component_batches.items():
-            val[f"loss/{name}"] = evaluate(trainer, state.params, batches, None)["loss"]
-        return val
+        return validate(state.params)
 
     throughput: list[float] = []
     summary: dict[str, Any] = {"resumed_from": start}
@@ -191,6 +238,7 @@ def _loop(cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, dat
     profile_until, profiling = None, False  # profiler trace: steps (start, profile_until]
     done = start
     pending = None  # the previous call's `skipped`, read after the next call is dispatched
+    batch_metrics: dict = {}  # what `before_batch` reported about the last batch (rollouts)
     try:
         while done < cfg.train.steps:
             step = done
@@ -198,6 +246,8 @@ def _loop(cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, dat
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 profile_until, profiling = step + cfg.train.profile_steps, True
             count = steps_in_call(step, cfg, curriculum)
+            if before_batch is not None:
+                batch_metrics = before_batch(state, step) or {}
             if count == 1:
                 state, step_metrics = trainer.train_step(
                     state, trainer.device_batch(next(data_iter))
@@ -220,6 +270,7 @@ def _loop(cfg, workdir, trainer, model_cfg, vocab, curriculum, state, start, dat
                 fetched = jax.device_get(step_metrics)
                 values = {k: _last_step(v, count) for k, v in fetched.items()}
                 values["skipped"] = float(np.sum(fetched["skipped"]))
+                values.update(batch_metrics)
                 now = time.perf_counter()
                 dt = (now - t_last) / max(1, done - step_last)
                 tokens_per_s = cfg.data.batch_size * cfg.data.seq_len / dt

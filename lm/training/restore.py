@@ -30,6 +30,15 @@ class RestoredRun:
     step: int
 
 
+def needs_finetune_restore(cfg) -> bool:
+    """A finetune run whose checkpoint is not a plain language model's: LoRA adapters (the
+    base is another run) or a model with a head (reward model, PPO policy)."""
+    ft = cfg.get("finetune")
+    if ft is None or not ft.get("init"):
+        return False
+    return ft.lora.rank > 0 or ft.method in ("rm", "ppo")
+
+
 def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
     """The newest readable (or given) checkpoint of a run, with a Trainer to evaluate it.
 
@@ -37,6 +46,10 @@ def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
     whatever mesh trained it. Every process of a pod must call it.
     """
     cfg = load_run_config(workdir)
+    if needs_finetune_restore(cfg):
+        from lm.finetune.restore import restore_finetuned
+
+        return restore_finetuned(workdir, step)
     cfg.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
     vocab = load_vocab(cfg.tokenizer.path, cfg.tokenizer.get("extra_ids", 0))
     model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)

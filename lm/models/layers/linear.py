@@ -3,18 +3,48 @@
 With weight-only quantization (`use_int_weights`, model.weight_bits > 0) a Dense kernel or an
 Embed table is held as int8/int4 with a float32 `scale` Param and dequantized on the fly;
 activations stay float (lm/quantize/numerics.py has the layout).
+
+LoRA (`Dense.add_lora`, driven by lm/finetune/lora.py) adds a trainable low-rank update
+beside the frozen kernel, float or int (QLoRA); a Dense without adapters runs exactly as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lm.quantize.numerics import dequantize, group_count, int_dtype
+
+# The key of LoRA input dropout. Dense is called from many places (attention, MLPs, the head,
+# inside nnx.scan / remat), so a key is not threaded through every signature: the train step
+# enters `lora_dropout_key` inside its traced loss function and each LoRA Dense reads it here.
+_LORA_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "lora_dropout_key", default=None
+)
+
+
+@contextlib.contextmanager
+def lora_dropout_key(key: jax.Array | None) -> Iterator[None]:
+    """Turns on LoRA input dropout for the Dense calls traced inside the block; None (the
+    default outside any block: eval, inference) is deterministic.
+
+    Enter it inside the function being traced (the loss under jax.grad / jit), so the key is
+    that trace's value; pass a key of its own (split from the step's key, not the one given to
+    the model's residual dropout). Each adapted Dense folds its static `lora_id` into the key,
+    so modules draw different masks; under `scan_layers` one scanned Dense serves every
+    layer, so all layers share that module's mask (the key is the same in every iteration).
+    """
+    token = _LORA_DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _LORA_DROPOUT_KEY.reset(token)
 
 
 class Dense(nnx.Module):
@@ -71,6 +101,53 @@ class Dense(nnx.Module):
         w = dequantize(self.kernel[...].reshape(n_in, n_out), scale, 0, self.dtype)
         return w.reshape(*self.in_shape, *self.out_shape)
 
+    def add_lora(
+        self, rank: int, alpha: float, dropout: float, rngs: nnx.Rngs, lora_id: int = 0
+    ) -> None:
+        """Adds a LoRA adapter: y += (alpha / rank) * (dropout(x) · A) · B, with A `[n_in, rank]`
+        and B `[rank, n_out]` over the flattened in / out axes, as `nnx.LoRAParam`s.
+
+        B starts at zero, so a fresh adapter leaves the output unchanged; A is normal with std
+        1 / sqrt(n_in) (fan-in, as nnx.LoRA), so x · A keeps x's scale and alpha / rank alone
+        sets the update's size. A stacked (scanned) kernel `[*lead, *in, *out]` gets stacked
+        adapters `[*lead, n_in, rank]` so nnx.scan slices them per layer like the kernel. The
+        adapters are float (the kernel's dtype, float32 for an int kernel) and replicated:
+        rank-sized axes are too small to shard. `lora_id` seeds this module's dropout mask.
+        """
+        if getattr(self, "lora_a", None) is not None:
+            raise ValueError("this Dense already has a LoRA adapter")
+        kernel = self.kernel.get_value()
+        axes = tuple(self.kernel.get_metadata().get("axes", ()))
+        n_lead = kernel.ndim - len(self.in_shape) - len(self.out_shape)
+        lead = tuple(kernel.shape[:n_lead])
+        # Stacked kernels usually name only their own axes (sharding.param_axes prepends
+        # "layers"); the adapters follow whichever convention the kernel uses.
+        lead_axes = axes[: max(0, len(axes) - len(self.in_shape) - len(self.out_shape))]
+        dtype = kernel.dtype if jnp.issubdtype(kernel.dtype, jnp.floating) else jnp.float32
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        init = jax.nn.initializers.normal(n_in**-0.5)
+        self.lora_a = nnx.LoRAParam(
+            init(rngs.params(), (*lead, n_in, rank), dtype), axes=(*lead_axes, None, None)
+        )
+        self.lora_b = nnx.LoRAParam(
+            jnp.zeros((*lead, rank, n_out), dtype), axes=(*lead_axes, None, None)
+        )
+        self.lora_scale = float(alpha) / rank
+        self.lora_dropout = float(dropout)
+        self.lora_id = int(lora_id)
+
+    def lora_delta(self, rows: jax.Array) -> jax.Array:
+        """The adapter's update for rows [rows, n_in] (compute dtype) -> [rows, n_out]."""
+        key = _LORA_DROPOUT_KEY.get()
+        rate = self.lora_dropout
+        if key is not None and rate > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(key, self.lora_id), 1 - rate, rows.shape)
+            rows = jnp.where(keep, rows / (1 - rate), 0).astype(rows.dtype)
+        dims = (((1,), (0,)), ((), ()))
+        h = jax.lax.dot_general(rows, self.lora_a[...].astype(self.dtype), dims)
+        h = h * jnp.asarray(self.lora_scale, self.dtype)  # on [rows, rank]: the cheap side
+        return jax.lax.dot_general(h, self.lora_b[...].astype(self.dtype), dims)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         # As one 2-D matmul [rows, in] @ [in, out]: its gradients are plain matmuls too, which
         # XLA's CPU backend runs ~30% faster than multi-axis contractions; free on TPU/GPU.
@@ -82,6 +159,8 @@ class Dense(nnx.Module):
         kernel = self.weight().reshape(n_in, n_out)
         rows = x.astype(self.dtype).reshape(-1, n_in)
         y = jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())))
+        if getattr(self, "lora_a", None) is not None:  # absent: the plain program, unchanged
+            y = y + self.lora_delta(rows)
         y = y.reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -26,6 +26,8 @@ from lm.quantize.numerics import dequantize, group_count, int_dtype
 from lm.sharding import constrain
 
 AUX_SCALARS = ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_entropy")
+# The train-step metric (summed like the others) that the sigmoid router's bias update reads.
+PER_LAYER_LOAD = "moe/expert_load_per_layer"
 
 
 def route(

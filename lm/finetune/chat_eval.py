@@ -1,0 +1,36 @@
+"""Does a model answer like an assistant? Greedy replies to held-out chat prompts, through the
+generation engine, scored for ending their turn (the end-of-turn token, not the length limit)
+and, on the project-made instruction data, for being a well-formed `def name(...):` line."""
+
+from __future__ import annotations
+
+from lm.finetune import examples, make_data
+from lm.finetune.rewards import parse_signature
+from lm.inference.engine import Engine
+from lm.inference.requests import SamplingParams
+from lm.tokenizer.chat import chat_stop_token_ids
+
+
+def held_out_instructions(count: int, seed: int = 0, fraction: float = 0.1) -> list[list[dict]]:
+    """The conversations `sft_tiny` holds out (same data, seed and split), prompts only."""
+    items, _ = make_data.load_sft_data("stdlib:instructions", 3000, seed)
+    _, held = examples.split_holdout(items, fraction, seed)
+    return [[m for m in conv if m["role"] != "assistant"] for conv in held[:count]]
+
+
+def answer_format(run, prompts: list[list[dict]], max_new_tokens: int = 32) -> dict:
+    """{"ended_turn": fraction of replies that end with the end-of-turn token, "signature":
+    fraction that are one well-formed signature line, "replies": the first few}."""
+    engine = Engine.from_run(run, slots=min(16, max(1, len(prompts))))
+    stops = chat_stop_token_ids(run.vocab)
+    ids = examples.encode_prompts(run.vocab, prompts)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
+    results = engine.generate(ids, params)
+    ended = [r.finish_reason == "stop" for r in results]
+    well_formed = [parse_signature(r.text) is not None for r in results]
+    n = max(1, len(results))
+    return {
+        "ended_turn": sum(ended) / n,
+        "signature": sum(e and w for e, w in zip(ended, well_formed)) / n,
+        "replies": [r.text for r in results[:3]],
+    }

@@ -1,0 +1,383 @@
+"""Online RL (GRPO, PPO): each step's batch is sampled from the current policy.
+
+Before every step, `RolloutSource.prepare` draws the step's prompts, sets the policy's current
+weights on the generation engine (the same engine `lm serve` and `lm eval` use), samples
+completions (G per prompt for GRPO, one for PPO), scores them (a Python reward function, or
+the reward model for PPO), and computes what the objective reads: the rollout policy's and the
+frozen reference's per-token log-probs (once per rollout, outside the train step), and the
+advantages (GRPO: group-normalized; PPO: GAE over per-token rewards = reward-model score at
+the end minus the adaptive KL penalty). The train step then runs on that batch through the one
+train loop (`lm.training.loop.run_training`).
+
+A GRPO group whose samples all score the same has zero advantage and teaches nothing but the
+KL term; such groups are replaced by freshly drawn prompts (up to `rl.resample_rounds` rounds,
+DAPO's dynamic sampling) so a step is not spent on a zero-gradient batch, and the fraction
+left is logged as `rollout/zero_std_groups`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm import storage
+from lm.finetune import examples, losses, make_data
+from lm.finetune.heads import RewardModel
+from lm.finetune.rewards import get_reward
+from lm.inference.engine import Engine
+from lm.inference.requests import SamplingParams
+from lm.tokenizer.chat import chat_stop_token_ids
+from lm.training.guards import Preempted
+from lm.training.loop import run_training
+from lm.training.train_step import abstract_model
+
+ROW = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def completion_rows(prompts: list[list[int]], completions: list[list[int]], seq_len: int) -> dict:
+    """Prompt + completion next-token rows [n, seq_len], weights 1 where the target is a
+    completion token. A too-long row loses prompt tokens from the left."""
+    n = len(prompts)
+    rows = {k: np.zeros((n, seq_len), np.float32 if k == "weights" else np.int32) for k in ROW}
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = (prompt + completion)[-(seq_len + 1) :]
+        first = max(0, len(ids) - len(completion))  # index of the first completion token
+        m = len(ids) - 1
+        rows["inputs"][i, :m] = ids[:-1]
+        rows["targets"][i, :m] = ids[1:]
+        rows["segment_ids"][i, :m] = 1
+        rows["positions"][i, :m] = np.arange(m)
+        rows["weights"][i, max(first - 1, 0) : m] = 1.0
+    return rows
+
+
+class Policy:
+    """The pieces of the trained model generation and scoring need: the language model's plain
+    graphdef, its current (merged, for LoRA) params, and jitted per-token log-probs (and values,
+    for PPO's value head)."""
+
+    def __init__(self, trainer, model_cfg):
+        self.trainer = trainer
+        self.lm_graphdef, _ = abstract_model(model_cfg)
+        self.lora = trainer.abstract_frozen is not None
+
+        def outputs(params, frozen, rows):
+            model = trainer.merge(params, frozen)
+            if hasattr(model, "value"):
+                logits, values = model(rows)
+            else:
+                logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
+                values = jnp.zeros(rows["targets"].shape, jnp.float32)
+            return losses.token_logps(logits, rows["targets"]), values
+
+        self._outputs = jax.jit(outputs)
+
+        def lm_params(params, frozen):
+            model = trainer.merge(params, frozen)
+            if self.lora:
+                from lm.finetune.lora import merge_lora
+
+                merge_lora(model)
+            lm = model.lm if hasattr(model, "lm") else model
+            return nnx.state(lm, nnx.Param)
+
+        self._lm_params = jax.jit(lm_params)
+
+    def lm_params(self, params) -> nnx.State:
+        return self._lm_params(params, self.trainer.frozen)
+
+    def outputs(self, params, rows: dict) -> tuple[np.ndarray, np.ndarray]:
+        logps, values = self._outputs(params, self.trainer.frozen, rows)
+        return np.asarray(logps), np.asarray(values)
+
+
+def _reference_logps(lm_graphdef, ref_params, rows: dict) -> np.ndarray:
+    return np.asarray(_ref_fn(lm_graphdef)(ref_params, rows))
+
+
+_REF_FNS: dict = {}
+
+
+def _ref_fn(graphdef):
+    if id(graphdef) not in _REF_FNS:
+
+        def fn(params, rows):
+            model = nnx.merge(graphdef, params)
+            logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
+            return losses.token_logps(logits, rows["targets"])
+
+        _REF_FNS[id(graphdef)] = jax.jit(fn)
+    return _REF_FNS[id(graphdef)]
+
+
+class RolloutSource:
+    """The batches of a GRPO / PPO run (the data iterator of `run_training`)."""
+
+    def __init__(self, cfg, trainer, vocab, prompts: list, reward_model=None):
+        self.cfg, self.rl, self.trainer, self.vocab = cfg, cfg.finetune.rl, trainer, vocab
+        self.method = cfg.finetune.method
+        self.prompts = prompts
+        self.prompt_ids = examples.encode_prompts(vocab, prompts)
+        self.group = self.rl.group_size if self.method == "grpo" else 1
+        self.batch = cfg.data.batch_size
+        if self.batch != self.rl.prompts_per_step * self.group:
+            from lm.errors import ConfigError
+
+            raise ConfigError(
+                f"data.batch_size={self.batch} must equal finetune.rl.prompts_per_step * "
+                f"group_size={self.rl.prompts_per_step * self.group} for {self.method}"
+            )
+        self.reward = get_reward(self.rl.reward) if reward_model is None else None
+        self.reward_model = reward_model  # (graphdef, params) of an `rm` run
+        self.policy = Policy(trainer, trainer.model_cfg)
+        self.stop_ids = chat_stop_token_ids(vocab)
+        self.kl = (
+            losses.AdaptiveKLController(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
+            if self.method == "ppo"
+            else None
+        )
+        self.engine: Engine | None = None
+        self.ref_params = None
+        self.step, self.names = 0, ("rollouts",)
+        self._batch: dict | None = None
+
+    # -- data-iterator protocol ------------------------------------------------------------
+
+    @property
+    def rows_taken(self) -> list[int]:
+        return [self.step * self.batch]
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "kl_coef": self.kl.value if self.kl else 0.0}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if self.kl is not None:
+            self.kl.value = float(state["kl_coef"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch, self._batch = self._batch, None
+        per_host = self.batch // jax.process_count()
+        lo = jax.process_index() * per_host
+        return {k: v[lo : lo + per_host] for k, v in batch.items()}
+
+    # -- rollouts --------------------------------------------------------------------------
+
+    def start(self, params) -> None:
+        """The engine on the initial policy, and the frozen reference = the initial policy."""
+        lm = self.policy.lm_params(params)
+        self.ref_params = jax.tree.map(jnp.copy, lm)
+        slots = self.batch
+        self.engine = Engine(
+            self.policy.lm_graphdef, lm, self.trainer.model_cfg, self.vocab, slots=slots,
+            max_queue=4 * slots + 64, decode_steps=8,
+        )  # fmt: skip
+
+    def sample(self, params, prompt_index: list[int], seed: int, greedy: bool = False) -> tuple:
+        """(prompt ids, completion ids, completion texts) of each prompt index, the current
+        policy sampling (or greedy)."""
+        self.engine.set_params(self.policy.lm_params(params))
+        prompts = [self.prompt_ids[i] for i in prompt_index]
+        sampling = [
+            SamplingParams(
+                max_tokens=self.rl.max_new_tokens,
+                temperature=0.0 if greedy else self.rl.temperature,
+                top_p=self.rl.top_p,
+                seed=seed * 100_003 + j,
+                stop_token_ids=self.stop_ids,
+            )
+            for j in range(len(prompts))
+        ]
+        results = self.engine.generate(prompts, sampling)
+        completions = [
+            r.token_ids
+            + ([self.stop_ids[0]] if r.finish_reason == "stop" and self.stop_ids else [])
+            for r in results
+        ]
+        return prompts, completions, [r.text for r in results]
+
+    def score(self, prompt_index: list[int], texts: list[str], rows: dict) -> np.ndarray:
+        """Rewards [n]: the reward model's scores, or the Python reward function's."""
+        if self.reward_model is not None:
+            graphdef, params = self.reward_model
+            return np.asarray(_rm_scores(graphdef)(params, rows))
+        out = []
+        for i, text in zip(prompt_index, texts):
+            item = self.prompts[i]
+            out.append(self.reward(item.prompt[-1]["content"], text, item.answer))
+        return np.asarray(out, np.float32)
+
+    def _draw(self, rng: np.random.Generator, count: int) -> list[int]:
+        return [int(x) for x in rng.integers(0, len(self.prompts), count)]
+
+    def prepare(self, state, step: int) -> dict:
+        """Samples and scores the batch of `step`; returns the rollout's metrics."""
+        if self.engine is None:
+            self.start(state.params)
+        rng = np.random.default_rng((self.cfg.seed, step))
+        g, n = self.group, self.rl.prompts_per_step
+        index = [i for i in self._draw(rng, n) for _ in range(g)]
+        prompts, completions, texts = self.sample(state.params, index, seed=step)
+        rows = completion_rows(prompts, completions, self.cfg.data.seq_len)
+        rewards = self.score(index, texts, rows)
+        metrics: dict[str, float] = {"rollout/reward_mean": float(rewards.mean())}
+        if self.method == "grpo":
+            index, prompts, completions, texts, rewards, zero = self._resample(
+                state, rng, step, index, prompts, completions, texts, rewards
+            )
+            rows = completion_rows(prompts, completions, self.cfg.data.seq_len)
+            metrics["rollout/zero_std_groups"] = zero
+        old_logps, old_values = self.policy.outputs(state.params, rows)
+        ref_logps = _reference_logps(self.policy.lm_graphdef, self.ref_params, rows)
+        mask = rows["weights"]
+        seq_kl = float(np.mean(np.sum((old_logps - ref_logps) * mask, axis=1)))
+        metrics.update(
+            {
+                "rollout/kl": seq_kl,
+                "rollout/completion_tokens": float(mask.sum(axis=1).mean()),
+                "rollout/reward_std": float(rewards.std()),
+            }
+        )
+        batch = {**rows, "old_logps": old_logps}
+        if self.method == "grpo":
+            batch["ref_logps"] = ref_logps
+            batch["advantages"] = np.asarray(losses.group_advantages(jnp.asarray(rewards), g))
+        else:
+            kl = losses.kl_penalty(jnp.asarray(old_logps), jnp.asarray(ref_logps), "k1", mask)
+            token_rewards = losses.per_token_rewards(jnp.asarray(rewards), kl, mask, self.kl.value)
+            adv, returns = losses.gae(
+                token_rewards, jnp.asarray(old_values), mask, self.rl.gamma, self.rl.lam
+            )
+            batch["advantages"] = np.asarray(losses.whiten(adv, jnp.asarray(mask)))
+            batch["returns"], batch["old_values"] = np.asarray(returns), old_values
+            metrics["rollout/kl_coef"] = self.kl.value
+            self.kl.update(seq_kl, 1)
+        self._batch = {k: np.asarray(v) for k, v in batch.items()}
+        self.step = step + 1
+        return metrics
+
+    def _resample(self, state, rng, step, index, prompts, completions, texts, rewards):
+        """GRPO groups with all-equal rewards replaced by fresh prompts' groups (a few rounds);
+        returns the batch and the fraction of zero-variance groups left in it."""
+        g = self.group
+        for round_ in range(self.rl.get("resample_rounds", 2)):
+            grouped = rewards.reshape(-1, g)
+            flat = np.flatnonzero(grouped.max(1) == grouped.min(1))
+            if not len(flat):
+                break
+            new_index = [i for i in self._draw(rng, len(flat)) for _ in range(g)]
+            p, c, t = self.sample(state.params, new_index, seed=step + 1_000_003 * (round_ + 1))
+            r = self.score(new_index, t, completion_rows(p, c, self.cfg.data.seq_len))
+            r_grouped = r.reshape(-1, g)
+            for slot, (gi, new_group) in enumerate(zip(flat, r_grouped)):
+                if new_group.max() == new_group.min():
+                    continue
+                span = range(gi * g, (gi + 1) * g)
+                for j, k in zip(span, range(slot * g, (slot + 1) * g)):
+                    index[j], prompts[j], completions[j], texts[j] = (
+                        new_index[k],
+                        p[k],
+                        c[k],
+                        t[k],
+                    )
+                    rewards[j] = r[k]
+        grouped = rewards.reshape(-1, g)
+        zero = float(np.mean(grouped.max(1) == grouped.min(1)))
+        return index, prompts, completions, texts, rewards, zero
+
+    def evaluate(self, params, items: list[int]) -> dict:
+        """Greedy completions of held-out prompts: their mean reward (or reward-model score)
+        and the fraction well-formed, the measure GRPO / PPO should raise."""
+        prompts, completions, texts = self.sample(params, items, seed=0, greedy=True)
+        rows = completion_rows(prompts, completions, self.cfg.data.seq_len)
+        rewards = self.score(items, texts, rows)
+        return {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
+
+
+_RM_FNS: dict = {}
+
+
+def _rm_scores(graphdef):
+    if id(graphdef) not in _RM_FNS:
+
+        def fn(params, rows):
+            return nnx.merge(graphdef, params)(rows)
+
+        _RM_FNS[id(graphdef)] = jax.jit(fn)
+    return _RM_FNS[id(graphdef)]
+
+
+def load_reward_model(workdir: str):
+    """(graphdef, params) of an `lm finetune` reward-model run (`finetune.method=rm`)."""
+    from lm.finetune.restore import restore_finetuned
+
+    run = restore_finetuned(workdir, as_language_model=False)
+    if not isinstance(nnx.merge(run.trainer.graphdef, run.params), RewardModel):
+        from lm.errors import ConfigError
+
+        raise ConfigError(f"finetune.rl.reward_model={workdir} is not a reward-model run (rm)")
+    return run.trainer.graphdef, run.params
+
+
+def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> dict:
+    """GRPO / PPO in the one train loop, with rollouts before every step."""
+    from lm.finetune.run import finish
+
+    ft = cfg.finetune
+    items, rejects = make_data.load_prompt_data(
+        ft.data or "stdlib:verifiable", ft.max_examples, cfg.seed
+    )
+    if ft.eval_data:
+        held, _ = make_data.load_prompt_data(ft.eval_data, 0, cfg.seed)
+    else:
+        items, held = examples.split_holdout(items, ft.eval_fraction, cfg.seed)
+    reward_model = None
+    if cfg.finetune.method == "ppo":
+        if not ft.rl.reward_model:
+            from lm.errors import ConfigError
+
+            raise ConfigError("PPO needs --config.finetune.rl.reward_model=<an rm run's workdir>")
+        reward_model = load_reward_model(ft.rl.reward_model)
+    source = RolloutSource(cfg, trainer, vocab, items + held, reward_model)
+    source.prompts, held_index = items + held, list(range(len(items), len(items) + len(held)))
+    train_count = len(items)
+    source._draw = lambda rng, count: [int(x) for x in rng.integers(0, train_count, count)]
+    held_index = held_index[: ft.get("eval_prompts", 64)]
+    source.start(trainable)
+
+    def validation(params):
+        return source.evaluate(params, held_index)
+
+    before = validation(trainable)
+    state, summary = run_training(
+        cfg, workdir, trainer, source, validation, stop,
+        initial_state=lambda: trainer.state_from_params(trainable),
+        before_batch=source.prepare,
+    )  # fmt: skip
+    summary.update(
+        validation_before=before,
+        data={
+            "train_prompts": len(items),
+            "held_out_prompts": len(held),
+            "rejected": dict(rejects),
+        },
+    )
+    summary.update(finish(cfg, workdir, trainer, state.params, vocab, summary))
+    source.engine = None
+    if stop.agreed():
+        raise Preempted(stop.signum)
+    if math.isnan(summary["validation"].get("reward", 0.0)):
+        storage.write_text(storage.join(workdir, "nan.json"), json.dumps(summary["validation"]))
+    return summary
+
+
+__all__ = ["RolloutSource", "completion_rows", "rollout_training", "load_reward_model", "Any"]
