@@ -10,8 +10,6 @@ log-probs (computed once per rollout, outside the step) and advantages.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,7 +19,7 @@ from lm.finetune.heads import PolicyWithValue, RewardModel
 from lm.finetune.lora import add_lora
 from lm.models.layers.linear import lora_dropout_key
 from lm.models.transformer import ModelConfig, Transformer
-from lm.training.objectives import LM_FEATURES, LanguageModelObjective, LossSums, Objective
+from lm.training.objectives import LanguageModelObjective, LossSums, Objective
 
 METHODS = ("sft", "lm", "rm", "dpo", "grpo", "ppo")
 ROW = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -249,11 +247,3 @@ def make_objective(cfg) -> Objective:
     if cfg.finetune.lora.rank > 0:
         objective = WithLoRA(objective, cfg.finetune.lora)
     return objective
-
-
-def lm_submodule(model: Any) -> Transformer:
-    """The language model inside a policy (itself, or PolicyWithValue.lm)."""
-    return model.lm if hasattr(model, "lm") else model
-
-
-__all__ = ["LM_FEATURES", "make_objective", "sequence_logps", "lm_submodule"]

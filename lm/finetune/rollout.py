@@ -17,8 +17,6 @@ left is logged as `rollout/zero_std_groups`.
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any
 
 import jax
@@ -26,16 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm import storage
 from lm.finetune import examples, losses, make_data
 from lm.finetune.heads import RewardModel
+from lm.finetune.policy import Policy
 from lm.finetune.rewards import get_reward
 from lm.inference.engine import Engine
 from lm.inference.requests import SamplingParams
 from lm.tokenizer.chat import chat_stop_token_ids
-from lm.training.guards import Preempted
 from lm.training.loop import run_training
-from lm.training.train_step import abstract_model
 
 ROW = ("inputs", "targets", "segment_ids", "positions", "weights")
 
@@ -57,72 +53,14 @@ def completion_rows(prompts: list[list[int]], completions: list[list[int]], seq_
     return rows
 
 
-class Policy:
-    """The pieces of the trained model generation and scoring need: the language model's plain
-    graphdef, its current (merged, for LoRA) params, and jitted per-token log-probs (and values,
-    for PPO's value head)."""
-
-    def __init__(self, trainer, model_cfg):
-        self.trainer = trainer
-        self.lm_graphdef, _ = abstract_model(model_cfg)
-        self.lora = trainer.abstract_frozen is not None
-
-        def outputs(params, frozen, rows):
-            model = trainer.merge(params, frozen)
-            if hasattr(model, "value"):
-                logits, values = model(rows)
-            else:
-                logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-                values = jnp.zeros(rows["targets"].shape, jnp.float32)
-            return losses.token_logps(logits, rows["targets"]), values
-
-        self._outputs = jax.jit(outputs)
-
-        def lm_params(params, frozen):
-            model = trainer.merge(params, frozen)
-            if self.lora:
-                from lm.finetune.lora import merge_lora
-
-                merge_lora(model)
-            lm = model.lm if hasattr(model, "lm") else model
-            return nnx.state(lm, nnx.Param)
-
-        self._lm_params = jax.jit(lm_params)
-
-    def lm_params(self, params) -> nnx.State:
-        return self._lm_params(params, self.trainer.frozen)
-
-    def outputs(self, params, rows: dict) -> tuple[np.ndarray, np.ndarray]:
-        logps, values = self._outputs(params, self.trainer.frozen, rows)
-        return np.asarray(logps), np.asarray(values)
-
-
-def _reference_logps(lm_graphdef, ref_params, rows: dict) -> np.ndarray:
-    return np.asarray(_ref_fn(lm_graphdef)(ref_params, rows))
-
-
-_REF_FNS: dict = {}
-
-
-def _ref_fn(graphdef):
-    if id(graphdef) not in _REF_FNS:
-
-        def fn(params, rows):
-            model = nnx.merge(graphdef, params)
-            logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-            return losses.token_logps(logits, rows["targets"])
-
-        _REF_FNS[id(graphdef)] = jax.jit(fn)
-    return _REF_FNS[id(graphdef)]
-
-
 class RolloutSource:
     """The batches of a GRPO / PPO run (the data iterator of `run_training`)."""
 
-    def __init__(self, cfg, trainer, vocab, prompts: list, reward_model=None):
+    def __init__(self, cfg, trainer, vocab, prompts: list, train_count: int, reward_model=None):
+        """`prompts[:train_count]` are drawn for training, the rest are held out."""
         self.cfg, self.rl, self.trainer, self.vocab = cfg, cfg.finetune.rl, trainer, vocab
         self.method = cfg.finetune.method
-        self.prompts = prompts
+        self.prompts, self.train_count = prompts, train_count
         self.prompt_ids = examples.encode_prompts(vocab, prompts)
         self.group = self.rl.group_size if self.method == "grpo" else 1
         self.batch = cfg.data.batch_size
@@ -136,6 +74,17 @@ class RolloutSource:
         self.reward = get_reward(self.rl.reward) if reward_model is None else None
         self.reward_model = reward_model  # (graphdef, params) of an `rm` run
         self.policy = Policy(trainer, trainer.model_cfg)
+        graphdef = self.policy.lm_graphdef
+
+        def reference_logps(params, rows):
+            model = nnx.merge(graphdef, params)
+            logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
+            return losses.token_logps(logits, rows["targets"])
+
+        self._reference_logps = jax.jit(reference_logps)
+        if reward_model is not None:
+            rm_graphdef = reward_model[0]
+            self._rm_scores = jax.jit(lambda params, rows: nnx.merge(rm_graphdef, params)(rows))
         self.stop_ids = chat_stop_token_ids(vocab)
         self.kl = (
             losses.AdaptiveKLController(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
@@ -208,8 +157,7 @@ class RolloutSource:
     def score(self, prompt_index: list[int], texts: list[str], rows: dict) -> np.ndarray:
         """Rewards [n]: the reward model's scores, or the Python reward function's."""
         if self.reward_model is not None:
-            graphdef, params = self.reward_model
-            return np.asarray(_rm_scores(graphdef)(params, rows))
+            return np.asarray(self._rm_scores(self.reward_model[1], rows))
         out = []
         for i, text in zip(prompt_index, texts):
             item = self.prompts[i]
@@ -217,7 +165,7 @@ class RolloutSource:
         return np.asarray(out, np.float32)
 
     def _draw(self, rng: np.random.Generator, count: int) -> list[int]:
-        return [int(x) for x in rng.integers(0, len(self.prompts), count)]
+        return [int(x) for x in rng.integers(0, self.train_count, count)]
 
     def prepare(self, state, step: int) -> dict:
         """Samples and scores the batch of `step`; returns the rollout's metrics."""
@@ -237,7 +185,7 @@ class RolloutSource:
             rows = completion_rows(prompts, completions, self.cfg.data.seq_len)
             metrics["rollout/zero_std_groups"] = zero
         old_logps, old_values = self.policy.outputs(state.params, rows)
-        ref_logps = _reference_logps(self.policy.lm_graphdef, self.ref_params, rows)
+        ref_logps = np.asarray(self._reference_logps(self.ref_params, rows))
         mask = rows["weights"]
         seq_kl = float(np.mean(np.sum((old_logps - ref_logps) * mask, axis=1)))
         metrics.update(
@@ -303,24 +251,12 @@ class RolloutSource:
         return {"reward": float(rewards.mean()), "reward_std": float(rewards.std())}
 
 
-_RM_FNS: dict = {}
-
-
-def _rm_scores(graphdef):
-    if id(graphdef) not in _RM_FNS:
-
-        def fn(params, rows):
-            return nnx.merge(graphdef, params)(rows)
-
-        _RM_FNS[id(graphdef)] = jax.jit(fn)
-    return _RM_FNS[id(graphdef)]
-
-
 def load_reward_model(workdir: str):
     """(graphdef, params) of an `lm finetune` reward-model run (`finetune.method=rm`)."""
     from lm.finetune.restore import restore_finetuned
+    from lm.training.restore import restore_run
 
-    run = restore_finetuned(workdir, as_language_model=False)
+    run = restore_finetuned(workdir, restore_base=restore_run, as_language_model=False)
     if not isinstance(nnx.merge(run.trainer.graphdef, run.params), RewardModel):
         from lm.errors import ConfigError
 
@@ -328,10 +264,8 @@ def load_reward_model(workdir: str):
     return run.trainer.graphdef, run.params
 
 
-def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> dict:
+def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> tuple[Any, dict]:
     """GRPO / PPO in the one train loop, with rollouts before every step."""
-    from lm.finetune.run import finish
-
     ft = cfg.finetune
     items, rejects = make_data.load_prompt_data(
         ft.data or "stdlib:verifiable", ft.max_examples, cfg.seed
@@ -347,11 +281,8 @@ def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> dict
 
             raise ConfigError("PPO needs --config.finetune.rl.reward_model=<an rm run's workdir>")
         reward_model = load_reward_model(ft.rl.reward_model)
-    source = RolloutSource(cfg, trainer, vocab, items + held, reward_model)
-    source.prompts, held_index = items + held, list(range(len(items), len(items) + len(held)))
-    train_count = len(items)
-    source._draw = lambda rng, count: [int(x) for x in rng.integers(0, train_count, count)]
-    held_index = held_index[: ft.get("eval_prompts", 64)]
+    source = RolloutSource(cfg, trainer, vocab, items + held, len(items), reward_model)
+    held_index = list(range(len(items), len(items) + len(held)))[: ft.get("eval_prompts", 64)]
     source.start(trainable)
 
     def validation(params):
@@ -371,13 +302,5 @@ def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> dict
             "rejected": dict(rejects),
         },
     )
-    summary.update(finish(cfg, workdir, trainer, state.params, vocab, summary))
     source.engine = None
-    if stop.agreed():
-        raise Preempted(stop.signum)
-    if math.isnan(summary["validation"].get("reward", 0.0)):
-        storage.write_text(storage.join(workdir, "nan.json"), json.dumps(summary["validation"]))
-    return summary
-
-
-__all__ = ["RolloutSource", "completion_rows", "rollout_training", "load_reward_model", "Any"]
+    return state, summary

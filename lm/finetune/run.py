@@ -23,12 +23,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from lm import distributed, sharding, storage
 from lm.errors import ConfigError
 from lm.finetune import examples, make_data
 from lm.finetune.objectives import make_objective, sequence_logps
+from lm.finetune.policy import initial_params
 from lm.training.guards import Preempted, StopRequests
 from lm.training.loop import run_training
 from lm.training.restore import RestoredRun, restore_run
@@ -62,30 +62,18 @@ def adopt_base(cfg: ml_collections.ConfigDict, base: RestoredRun) -> None:
     dropout = cfg.model.dropout
     cfg.model = ml_collections.ConfigDict(base.cfg.model.to_dict())
     cfg.model.dropout = dropout
-    cfg.model.weight_bits = cfg.model.weight_group_size = 0
+    if base.model_cfg.weight_bits and cfg.finetune.lora.rank <= 0:
+        raise ConfigError(
+            f"--init={cfg.finetune.init} holds int{base.model_cfg.weight_bits} weights (`lm "
+            "quantize`): fine-tune it with LoRA (QLoRA: --config.finetune.lora.rank=8), or "
+            "start from the full-precision run"
+        )
     cfg.tokenizer = ml_collections.ConfigDict(base.cfg.tokenizer.to_dict())
     if cfg.data.seq_len > base.model_cfg.max_seq_len:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds the init model's max_seq_len="
             f"{base.model_cfg.max_seq_len}"
         )
-
-
-def initial_params(trainer: Trainer, base_params: nnx.State) -> tuple[nnx.State, Any]:
-    """(trainable, frozen) params of the objective's model with the base's weights loaded: the
-    language model's params are the base's; heads and adapters keep their fresh init."""
-
-    def build(base_params):
-        model = trainer._build(nnx.Rngs(trainer.cfg.seed))
-        lm = model.lm if hasattr(model, "lm") else model
-        nnx.update(lm, base_params)
-        if trainer.abstract_frozen is None:
-            return nnx.state(model, nnx.Param), None
-        _, trainable, frozen = nnx.split(model, trainer.objective.trainable, nnx.Param)
-        return trainable, frozen
-
-    out_shardings = (trainer.state_shardings.params, trainer.frozen_shardings)
-    return jax.jit(build, out_shardings=out_shardings)(base_params)
 
 
 class ArraySource:
@@ -153,7 +141,7 @@ def validate_objective(trainer: Trainer, params, batches: list[dict]) -> dict:
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     weight = max(sums.pop("weight_sum", 0.0), 1.0)
-    result = {"loss": sums.pop("loss_sum", 0.0) / weight, "examples_or_tokens": weight}
+    result = {"loss": sums.pop("loss_sum", 0.0) / weight, "weight": weight}
     result.update({k[: -len("_sum")]: v / weight for k, v in sums.items()})
     return result
 
@@ -213,7 +201,8 @@ def _finetune(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) 
     if method in ("grpo", "ppo"):
         from lm.finetune.rollout import rollout_training
 
-        return rollout_training(cfg, workdir, trainer, trainable, vocab, stop)
+        state, summary = rollout_training(cfg, workdir, trainer, trainable, vocab, stop)
+        return _finished(cfg, workdir, trainer, state, vocab, summary, stop)
     train_arrays, held_arrays, counts = offline_data(cfg, vocab)
     if method == "dpo":
         train_arrays.update(reference_logps(trainer, trainable, train_arrays))
@@ -230,8 +219,12 @@ def _finetune(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) 
         initial_state=lambda: trainer.state_from_params(trainable),
     )  # fmt: skip
     summary.update(validation_before=before, data=counts)
+    return _finished(cfg, workdir, trainer, state, vocab, summary, stop)
+
+
+def _finished(cfg, workdir, trainer, state, vocab, summary: dict, stop) -> dict:
     summary.update(finish(cfg, workdir, trainer, state.params, vocab, summary))
-    if stop.agreed():
+    if stop.agreed():  # a signal during the final evaluation
         raise Preempted(stop.signum)
     return summary
 

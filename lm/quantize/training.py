@@ -48,7 +48,9 @@ def check_quant_training(cfg) -> None:
             f"quant.training=fp8 is not supported on the {jax.default_backend()} backend; "
             "use quant.training=int8"
         )
-    if cfg.model.get("weight_bits", 0):
+    ft = cfg.get("finetune")
+    qlora = ft is not None and ft.get("init") and ft.lora.rank > 0  # adapters on an int base
+    if cfg.model.get("weight_bits", 0) and not qlora:
         raise ConfigError(
             f"model.weight_bits={cfg.model.weight_bits} is weight-only quantization for "
             "inference (written by `lm quantize`); training needs model.weight_bits=0 "

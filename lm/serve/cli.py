@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", type=int, default=8, help="sequences decoded at once")
     parser.add_argument("--max_queue", type=int, default=256, help="waiting requests; then 429")
     parser.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens a step")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="a LoRA `lm finetune` run: serve --workdir (its base) with these adapters merged",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (newest)")
     parser.add_argument("--weight_bits", type=int, default=0, choices=(0, 8, 4))
     parser.add_argument("--group_size", type=int, default=128, help="int4 weight group size")
@@ -38,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     if not storage.exists(args.workdir):
         raise ConfigError(f"--workdir {args.workdir!r} does not exist")
+    if args.adapter and not storage.exists(storage.join(args.adapter, "adapter.json")):
+        raise ConfigError(f"--adapter {args.adapter!r} is not a LoRA run (no adapter.json)")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
     for name in ("slots", "max_queue", "prefill_chunk"):
@@ -55,18 +62,22 @@ def main(argv: list[str]) -> int:
     from lm.serve.runner import bind_socket
 
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails at once
-    engine = Engine.from_workdir(
-        args.workdir,
-        step=args.step,
-        weight_bits=args.weight_bits,
-        group_size=args.group_size,
-        slots=args.slots,
-        max_queue=args.max_queue,
-        prefill_chunk=args.prefill_chunk,
-    )
+    sizes = dict(slots=args.slots, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    quant = dict(weight_bits=args.weight_bits, group_size=args.group_size)
+    if args.adapter:
+        from lm.finetune.restore import restore_finetuned
+        from lm.training.restore import restore_run
+
+        run = restore_finetuned(
+            args.adapter, args.step, restore_base=restore_run, base_workdir=args.workdir
+        )
+        engine = Engine.from_run(run, **quant, **sizes)
+    else:
+        engine = Engine.from_workdir(args.workdir, step=args.step, **quant, **sizes)
     warm = engine.encode_prompt("Hello")
     engine.generate([warm], SamplingParams(max_tokens=2, temperature=0.0))
-    name = args.model_name or os.path.basename(os.path.normpath(args.workdir)) or "lm"
+    served = args.adapter or args.workdir
+    name = args.model_name or os.path.basename(os.path.normpath(served)) or "lm"
     app = create_app(engine, model_name=name, api_key=args.api_key)
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = sock.getsockname()[1]

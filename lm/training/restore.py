@@ -7,27 +7,12 @@ weight-quantized model (lm/quantize/weights.py).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 from lm import sharding, storage
 from lm.models.transformer import ModelConfig
 from lm.tokenizer.vocab import load_vocab
 from lm.training.checkpoint import Checkpointer
-from lm.training.setup import load_run_config
+from lm.training.setup import RestoredRun, load_run_config
 from lm.training.train_step import Trainer
-
-
-@dataclasses.dataclass
-class RestoredRun:
-    """A run's config, a Trainer for its model on the devices at hand, and its params."""
-
-    cfg: Any
-    trainer: Trainer
-    params: Any
-    model_cfg: ModelConfig
-    vocab: Any
-    step: int
 
 
 def needs_finetune_restore(cfg) -> bool:
@@ -49,7 +34,7 @@ def restore_run(workdir: str, step: int | None = None) -> RestoredRun:
     if needs_finetune_restore(cfg):
         from lm.finetune.restore import restore_finetuned
 
-        return restore_finetuned(workdir, step)
+        return restore_finetuned(workdir, step, restore_base=restore_run)
     cfg.mesh.update(data=-1, fsdp=1, expert=1, tensor=1)
     vocab = load_vocab(cfg.tokenizer.path, cfg.tokenizer.get("extra_ids", 0))
     model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)

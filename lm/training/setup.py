@@ -3,7 +3,9 @@ run config, and how steps are grouped into calls."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 import ml_collections
 
@@ -12,6 +14,18 @@ from lm.data.curriculum import Curriculum
 from lm.data.objective_names import validate_objective
 from lm.errors import CheckpointError, ConfigError
 from lm.quantize.training import check_quant_training
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's config, a Trainer for its model on the devices at hand, and its params."""
+
+    cfg: Any
+    trainer: Any  # lm.training.train_step.Trainer
+    params: Any
+    model_cfg: Any  # lm.models.transformer.ModelConfig
+    vocab: Any
+    step: int
 
 
 def validate(cfg: ml_collections.ConfigDict, mesh) -> None:

@@ -79,7 +79,7 @@ class Trainer:
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
         self.tx = make_optimizer(cfg.optim, cfg.train.steps)
         self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
-        model = nnx.eval_shape(lambda: self._build(nnx.Rngs(cfg.seed)))
+        model = nnx.eval_shape(lambda: self.build_model(nnx.Rngs(cfg.seed)))
         self.graphdef, abstract_params, abstract_frozen = _split(model, self.objective.trainable)
         replicated = NamedSharding(mesh, PartitionSpec())
         param_shardings = sharding.state_shardings(abstract_params, mesh, self.rules)
@@ -150,7 +150,7 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _build(self, rngs: nnx.Rngs) -> nnx.Module:
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         model = self.objective.build(self.model_cfg, rngs)
         return maybe_quantize_for_training(model, self.cfg.get("quant"), self.model_cfg.loss_chunk)
 
@@ -163,7 +163,7 @@ class Trainer:
         )
 
     def _init(self) -> TrainState:
-        model = self._build(nnx.Rngs(self.cfg.seed))
+        model = self.build_model(nnx.Rngs(self.cfg.seed))
         return self._fresh_state(_split(model, self.objective.trainable)[1])
 
     def init_state(self) -> TrainState:
