@@ -85,6 +85,11 @@ SECTIONS = {
         "bench_serve",
         "serve_rows",
     ),
+    "finetune": (
+        "Fine-tuning throughput: pretraining vs SFT full, LoRA and GRPO on the same shape",
+        "bench_finetune",
+        "finetune_rows",
+    ),
 }
 
 
@@ -123,7 +128,7 @@ def main() -> int:
     parser.add_argument("--skip_data", action="store_true")
     parser.add_argument(
         "--sections",
-        default="moe,quant,serve",
+        default="moe,quant,serve,finetune",
         help="comma-separated extra sections: moe (dropless vs capacity vs dense), quant (int8)",
     )
     parser.add_argument("--only", default="", help="comma-separated training cases, e.g. char_tiny")

@@ -129,6 +129,7 @@ class RolloutSource:
         self.engine = Engine(
             self.policy.lm_graphdef, lm, self.trainer.model_cfg, self.vocab, slots=slots,
             max_queue=4 * slots + 64, decode_steps=8,
+            prefill_budget=slots * self.trainer.model_cfg.max_seq_len,
         )  # fmt: skip
 
     def sample(self, params, prompt_index: list[int], seed: int, greedy: bool = False) -> tuple:

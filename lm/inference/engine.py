@@ -54,6 +54,7 @@ class Engine:
         prefill_chunk: int = 256,
         decode_steps: int = 8,
         rules=None,
+        prefill_budget: int | None = None,
     ):
         if slots < 1:
             raise RequestError(f"slots must be at least 1, got {slots}")
@@ -64,6 +65,10 @@ class Engine:
         self.decode_steps = max(1, int(decode_steps))
         self.max_len = int(model_cfg.max_seq_len)
         self.chunk = min(max(16, 1 << (max(prefill_chunk, 1) - 1).bit_length()), self.max_len)
+        # Prompt tokens prefilled per engine step, between decode calls: one chunk keeps the
+        # running streams' inter-token latency low (serving); a batch job with no one waiting
+        # on a stream (RL rollouts) raises it to prefill all its prompts before decoding.
+        self.prefill_budget = max(1, prefill_budget or self.chunk)
         self.start_id = getattr(vocab, "start_id", vocab.bos_id)
         leaf = jax.tree.leaves(params)[0]
         self.mesh = leaf.sharding.mesh if isinstance(leaf.sharding, NamedSharding) else None
@@ -299,7 +304,7 @@ class Engine:
         request.callback_output(request.finish("abort"))
 
     def _prefill_some(self) -> None:
-        budget = self.chunk
+        budget = self.prefill_budget
         for slot, request in enumerate(self._slot):
             while request is not None and not self._active[slot] and budget > 0:
                 budget -= self._prefill_chunk(slot, request)
