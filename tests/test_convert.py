@@ -356,6 +356,7 @@ def _packed_train_rows(workdir):
     return {k: np.stack([r[k] for r in rows]) for k in features}, meta
 
 
+@pytest.mark.slow  # ~35 s: make test-slow; test_finetune inits from hf:DIR
 def test_imported_model_samples_and_fine_tunes_on_the_stdlib(imported, tmp_path, capsys):
     import transformers
 

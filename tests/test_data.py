@@ -277,6 +277,7 @@ def test_zero_rows_is_a_data_error(corpus, tmp_path):
         pack(cfg, str(tmp_path))
 
 
+@pytest.mark.slow  # ~50 s: make test-slow
 def test_packs_are_built_in_a_subprocess_and_its_errors_come_back(corpus, tmp_path):
     cfg, vocab, _ = corpus
     cfg = dir_cfg(cfg.data.path, vocab.sentencepiece_model_file)

@@ -182,6 +182,7 @@ def test_gradients_finite_and_zero_for_an_expert_without_tokens(dispatch):
     assert np.any(np.asarray(grads["router"]["kernel"][...]) != 0.0)
 
 
+@pytest.mark.slow  # ~35 s: make test-slow
 def test_moe_tiny_trains_and_logs_the_expert_load(tmp_path):
     """A short in-process `lm train` of moe_tiny (shrunk): loss falls, expert load per step."""
     from lm.cli import main

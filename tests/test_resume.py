@@ -30,9 +30,11 @@ def command(workdir, corpus, *extra):
                       *extra))  # fmt: skip
 
 
-# per_call=1 (54 s) runs in `make test-slow`; per_call=4 takes the same kill/resume path through
-# grouped steps, the harder case, and stays in `make test` (kept under ~20 minutes).
-@pytest.mark.parametrize("per_call", [pytest.param(1, marks=pytest.mark.slow), 4])
+# Both run in `make test-slow` (~50 s each); in make test, kill/resume is covered by
+# test_gcs_train (a bucket) and test_finetune (a fine-tuning run resumed).
+@pytest.mark.parametrize(
+    "per_call", [pytest.param(1, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)]
+)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, corpus, per_call):
     env = ENV
     # per_call=4: steps run in groups of 4 per jitted call, logged after each group.
@@ -132,6 +134,7 @@ def test_sigterm_during_a_checkpoint_call_saves_once(tmp_path, corpus):
     assert f"resumed from checkpoint {last}" in result.stderr
 
 
+@pytest.mark.slow  # ~40 s: make test-slow (make test near 20 min)
 def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path, corpus):
     workdir = tmp_path / "mismatch"
     short = ["--config.train.steps=4"]
@@ -153,6 +156,7 @@ def test_checkpoint_of_another_model_is_a_one_line_error(tmp_path, corpus):
     assert (workdir / "metrics.jsonl").read_text() == metrics  # nothing truncated
 
 
+@pytest.mark.slow  # ~50 s: make test-slow
 def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path, corpus):
     # A constant lr without warmup: a 12-step run trains exactly like the first 12 steps of
     # a 24-step one (a decaying schedule depends on train.steps).
