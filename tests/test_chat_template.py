@@ -2,16 +2,15 @@
 fine-tuning will use, the plain-text fallback, and the Jinja string `/tokenizer_info` publishes
 (rendered, then tokenized, it must give the same ids)."""
 
-import io
 import json
 
 import jinja2
 import pytest
-import sentencepiece as spm
 
 from lm.tokenizer import chat
 from lm.tokenizer.hf_vocab import HFVocab
 from lm.tokenizer.vocab import SentencePieceVocab
+from tests.char_vocab import char_vocab
 
 ROLES = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 SYSTEM, USER, ASSISTANT, END = 4, 5, 6, 7  # ids right after pad, eos, unk, bos
@@ -27,29 +26,7 @@ CONVERSATION = [
 
 
 def _spm_vocab(tmp_path, name: str, specials: list[str]) -> SentencePieceVocab:
-    """A small character-level SentencePiece model (bytes for unseen characters) with lm's
-    fixed ids (pad 0, eos 1, unk 2, bos 3) and `specials` as single pieces from id 4 on."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_writer=model,
-        model_type="char",
-        vocab_size=4 + len(specials) + 256 + 40,
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=3,
-        user_defined_symbols=specials,
-        hard_vocab_limit=False,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        minloglevel=2,
-    )
-    path = tmp_path / f"{name}.model"
-    path.write_bytes(model.getvalue())
-    return SentencePieceVocab(str(path))
+    return char_vocab(tmp_path, name, specials, CORPUS, spare=40)
 
 
 @pytest.fixture(scope="module")

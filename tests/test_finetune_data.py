@@ -5,19 +5,18 @@ its CLI (make_data.py), and the RL rewards (rewards.py).
 The expected ids and masks here are assembled by hand from separately encoded pieces, never from
 the code under test, so a mask shifted by one or lost in packing fails."""
 
-import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 
 from lm.errors import ConfigError, DataError
 from lm.finetune import examples, formats, make_data, rewards
 from lm.finetune.formats import PreferencePair, PromptItem
 from lm.tokenizer.vocab import SentencePieceVocab
+from tests.char_vocab import char_vocab
 
 BOS, SYSTEM, USER, ASSISTANT, END = 3, 4, 5, 6, 7  # role tokens right after pad, eos, unk, bos
 ROLE_PIECES = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -25,29 +24,7 @@ CORPUS = ["def name(arg, other=None):  # returns a value", "Return the sum of x 
 
 
 def _vocab(tmp_path, name: str, specials: list[str]) -> SentencePieceVocab:
-    """A character-level SentencePiece model (bytes for unseen characters) with lm's fixed ids
-    and `specials` as single pieces from id 4 on."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_writer=model,
-        model_type="char",
-        vocab_size=4 + len(specials) + 256 + 30,
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=3,
-        user_defined_symbols=specials,
-        hard_vocab_limit=False,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        minloglevel=2,
-    )
-    path = tmp_path / f"{name}.model"
-    path.write_bytes(model.getvalue())
-    return SentencePieceVocab(str(path))
+    return char_vocab(tmp_path, name, specials, CORPUS, spare=30)
 
 
 @pytest.fixture(scope="module")
