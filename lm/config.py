@@ -222,6 +222,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
             data="",
             eval_data="",  # "": a held-out slice of `data` (eval_fraction)
             eval_fraction=0.1,
+            eval_prompts=64,  # grpo / ppo: held-out prompts answered greedily at each validation
             max_examples=0,  # 0: all
             # lm-eval tasks run on the init model and on the result (before / after), e.g.
             # lm_py_perplexity: what was kept or forgotten, next to what was learned
@@ -259,7 +260,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
                     lam=0.95,
                     value_clip=0.2,
                     value_coef=0.1,
-                    ppo_epochs=1,
+                    resample_rounds=2,  # GRPO: rounds replacing all-equal-reward groups
                 )
             ),
         )

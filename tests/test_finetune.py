@@ -125,6 +125,19 @@ def logits_of(graphdef, params, tokens) -> np.ndarray:
     return np.asarray(_forward(graphdef, params, jnp.asarray(tokens, jnp.int32)))
 
 
+_rows_forward = jax.jit(
+    lambda graphdef, params, rows: nnx.merge(graphdef, params)(
+        rows["inputs"], rows["positions"], rows["segment_ids"]
+    )[0],
+    static_argnums=0,
+)
+
+
+def logits_of_rows(graphdef, params, rows: dict) -> np.ndarray:
+    keys = ("inputs", "positions", "segment_ids")
+    return np.asarray(_rows_forward(graphdef, params, {k: jnp.asarray(rows[k]) for k in keys}))
+
+
 def greedy_by_hand(graphdef, params, prompt: list[int], max_tokens: int, stop: set[int]):
     """Greedy decoding with a full forward pass per token (no cache): causal, so the logits at
     the last real position ignore the right padding; one compile for the padded length."""
@@ -292,19 +305,6 @@ def test_sft_checkpoint_restores_and_samples(sft, capsys):
     out = capsys.readouterr()
     assert "(checkpoint 8)" in out.err
     assert out.out.startswith("the model") and len(out.out.strip()) > len("the model")
-
-
-_rows_forward = jax.jit(
-    lambda graphdef, params, rows: nnx.merge(graphdef, params)(
-        rows["inputs"], rows["positions"], rows["segment_ids"]
-    )[0],
-    static_argnums=0,
-)
-
-
-def logits_of_rows(graphdef, params, rows: dict) -> np.ndarray:
-    keys = ("inputs", "positions", "segment_ids")
-    return np.asarray(_rows_forward(graphdef, params, {k: jnp.asarray(rows[k]) for k in keys}))
 
 
 def test_sft_resume_continues_from_the_checkpoint(sft, loop_calls):

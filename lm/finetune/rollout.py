@@ -218,7 +218,7 @@ class RolloutSource:
         """GRPO groups with all-equal rewards replaced by fresh prompts' groups (a few rounds);
         returns the batch and the fraction of zero-variance groups left in it."""
         g = self.group
-        for round_ in range(self.rl.get("resample_rounds", 2)):
+        for round_ in range(self.rl.resample_rounds):
             grouped = rewards.reshape(-1, g)
             flat = np.flatnonzero(grouped.max(1) == grouped.min(1))
             if not len(flat):
@@ -275,6 +275,25 @@ def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> tupl
         held, _ = make_data.load_prompt_data(ft.eval_data, 0, cfg.seed)
     else:
         items, held = examples.split_holdout(items, ft.eval_fraction, cfg.seed)
+    # A prompt that leaves no room for `max_new_tokens` in the context is a counted reject.
+    room = trainer.model_cfg.max_seq_len - ft.rl.max_new_tokens
+
+    def fitting(prompts: list) -> list:
+        lengths = map(len, examples.encode_prompts(vocab, prompts))
+        return [p for p, n in zip(prompts, lengths) if n <= room]
+
+    too_long = len(items) + len(held)
+    items, held = fitting(items), fitting(held)
+    too_long -= len(items) + len(held)
+    if too_long:
+        rejects["too_long"] += too_long
+    if not items or not held:
+        from lm.errors import DataError
+
+        raise DataError(
+            f"no training or held-out prompt fits the context ({room} tokens of prompt with "
+            f"finetune.rl.max_new_tokens={ft.rl.max_new_tokens}); shorten the prompts"
+        )
     reward_model = None
     if cfg.finetune.method == "ppo":
         if not ft.rl.reward_model:
@@ -283,7 +302,7 @@ def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> tupl
             raise ConfigError("PPO needs --config.finetune.rl.reward_model=<an rm run's workdir>")
         reward_model = load_reward_model(ft.rl.reward_model)
     source = RolloutSource(cfg, trainer, vocab, items + held, len(items), reward_model)
-    held_index = list(range(len(items), len(items) + len(held)))[: ft.get("eval_prompts", 64)]
+    held_index = list(range(len(items), len(items) + len(held)))[: ft.eval_prompts]
     source.start(trainable)
 
     def validation(params):
