@@ -10,7 +10,7 @@ def get_config():
     c.finetune.update(method="ppo", data="stdlib:verifiable", max_examples=2000)
     c.finetune.rl.update(
         prompts_per_step=16, group_size=1, max_new_tokens=24, temperature=1.0, clip_eps=0.2,
-        kl_coef=0.05, kl_target=6.0, kl_horizon=1000, gamma=1.0, lam=0.95, value_clip=0.2,
+        kl_coef=0.3, kl_target=6.0, kl_horizon=160, gamma=1.0, lam=0.95, value_clip=0.2,
         value_coef=0.1,
     )  # fmt: skip
     c.data.update(seq_len=96, batch_size=16)

@@ -255,7 +255,7 @@ def finetune_defaults() -> ml_collections.ConfigDict:
                     reward_model="",  # PPO: the workdir of an `rm` run
                     kl_coef=0.05,  # PPO: initial KL penalty coefficient
                     kl_target=6.0,  # PPO: adaptive KL target (nats per sequence)
-                    kl_horizon=10000,
+                    kl_horizon=10000,  # episodes (samples) over which the coefficient adapts
                     gamma=1.0,
                     lam=0.95,
                     value_clip=0.2,

@@ -189,7 +189,7 @@ def test_grpo_raises_the_verifiable_reward_beyond_its_noise(sft_brief, root):
 
 
 def test_ppo_raises_the_reward_model_score_within_the_kl_target(sft, rm, root):
-    """The score must rise beyond its noise AND by a tenth of the reward model's own held-out
+    """The score must rise beyond its noise AND by a twentieth of the reward model's own held-out
     chosen-minus-rejected margin: the SFT model's replies all score alike (std ~0.01), so a
     shift too small to matter (+0.03 with the advantages' sign flipped) is already "7 standard
     errors"."""
@@ -215,7 +215,7 @@ def test_ppo_raises_the_reward_model_score_within_the_kl_target(sft, rm, root):
         f"{np.round(kl, 3).tolist()} (target {target})"
     )
     assert errors > 3, (before, after)
-    assert after["reward"] - before["reward"] > 0.1 * margin, (before, after, margin)
+    assert after["reward"] - before["reward"] > 0.05 * margin, (before, after, margin)
     assert len(kl) == 10 and max(kl) < target, kl
 
 

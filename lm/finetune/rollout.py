@@ -209,7 +209,7 @@ class RolloutSource:
             batch["advantages"] = np.asarray(losses.whiten(adv, jnp.asarray(mask)))
             batch["returns"], batch["old_values"] = np.asarray(returns), old_values
             metrics["rollout/kl_coef"] = self.kl.value
-            self.kl.update(seq_kl, 1)
+            self.kl.update(seq_kl, self.batch)  # Ziegler et al.: n = episodes this update
         self._batch = {k: np.asarray(v) for k, v in batch.items()}
         self.step = step + 1
         return metrics
