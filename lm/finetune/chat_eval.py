@@ -11,10 +11,14 @@ from lm.inference.requests import SamplingParams
 from lm.tokenizer.chat import chat_stop_token_ids
 
 
-def held_out_instructions(count: int, seed: int = 0, fraction: float = 0.1) -> list[list[dict]]:
-    """The conversations `sft_tiny` holds out (same data, seed and split), prompts only."""
-    items, _ = make_data.load_sft_data("stdlib:instructions", 3000, seed)
-    _, held = examples.split_holdout(items, fraction, seed)
+def held_out_instructions(count: int) -> list[list[dict]]:
+    """The conversations `sft_tiny` holds out (its data, seed and split), prompts only."""
+    from lm.config import get_config
+
+    cfg = get_config("sft_tiny")
+    ft = cfg.finetune
+    items, _ = make_data.load_sft_data(ft.data, ft.max_examples, cfg.seed)
+    _, held = examples.split_holdout(items, ft.eval_fraction, cfg.seed)
     return [[m for m in conv if m["role"] != "assistant"] for conv in held[:count]]
 
 

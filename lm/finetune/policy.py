@@ -17,6 +17,7 @@ from flax import nnx
 
 from lm.finetune import losses
 from lm.finetune.lora import merge_lora
+from lm.finetune.objectives import sequence_logps
 from lm.training.train_step import Trainer, abstract_model
 
 
@@ -51,10 +52,9 @@ class Policy:
             model = trainer.merge(params, frozen)
             if hasattr(model, "value"):
                 logits, values = model(rows)
-            else:
-                logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-                values = jnp.zeros(rows["targets"].shape, jnp.float32)
-            return losses.token_logps(logits, rows["targets"]), values
+                return losses.token_logps(logits, rows["targets"]), values
+            logps = sequence_logps(model, rows)[0]
+            return logps, jnp.zeros(rows["targets"].shape, jnp.float32)
 
         self._outputs = jax.jit(outputs)
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from lm.finetune import examples, losses, make_data
 from lm.finetune.heads import RewardModel
+from lm.finetune.objectives import sequence_logps
 from lm.finetune.policy import Policy
 from lm.finetune.rewards import get_reward
 from lm.inference.engine import Engine
@@ -77,9 +78,7 @@ class RolloutSource:
         graphdef = self.policy.lm_graphdef
 
         def reference_logps(params, rows):
-            model = nnx.merge(graphdef, params)
-            logits, _ = model(rows["inputs"], rows["positions"], rows["segment_ids"])
-            return losses.token_logps(logits, rows["targets"])
+            return sequence_logps(nnx.merge(graphdef, params), rows)[0]
 
         self._reference_logps = jax.jit(reference_logps)
         if reward_model is not None:
