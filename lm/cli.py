@@ -28,6 +28,9 @@ def quiet_logs() -> None:
     )
     for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from lm.stages import break_line_before_logs
+
+    break_line_before_logs()  # a warning never lands glued onto a live progress line
 
 
 def _experiment_parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 from etils import epath  # noqa: E402
+
+from lm.errors import DataError  # noqa: E402
 
 PathLike = str | os.PathLike
 
@@ -88,11 +91,52 @@ def listdir(p: PathLike) -> list[str]:
     return sorted(child.name for child in d.iterdir())
 
 
+def is_regular_file(p: PathLike) -> bool:
+    """True for a regular file (following symlinks); False for a directory, FIFO, socket or
+    device, which would block or fail a reader. Objects in a bucket are always regular."""
+    if is_remote(p):
+        return path(p).is_file()
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        return False
+
+
+def require_regular_file(p: PathLike) -> None:
+    """`DataError` naming `p` unless it is a regular file (missing: `FileNotFoundError`)."""
+    if is_remote(p) or is_regular_file(p):
+        return
+    if not os.path.lexists(p):
+        raise FileNotFoundError(f"{p} not found")
+    raise DataError(f"{p} is not a regular file ({_file_kind(p)}); point the command at a file")
+
+
+def _file_kind(p: PathLike) -> str:
+    try:
+        mode = os.stat(p).st_mode
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def read_bytes(p: PathLike) -> bytes:
+    """The whole file; refuses FIFOs and devices (opening one blocks forever) with a one-line
+    `DataError`."""
+    require_regular_file(p)
     return path(p).read_bytes()
 
 
 def read_text(p: PathLike) -> str:
+    require_regular_file(p)
     return path(p).read_text(encoding="utf-8")
 
 
@@ -105,6 +149,7 @@ def write_bytes(p: PathLike, data: bytes) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide run files from the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, p)
@@ -112,6 +157,15 @@ def write_bytes(p: PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask is process-wide, so not per write
 
 
 def write_text(p: PathLike, text: str) -> None:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from lm.stages import LIVE
+
 
 def _fmt_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -51,7 +53,6 @@ class ProgressLine:
         self.is_primary = is_primary
         self._stream = stream
         self._start: tuple[float, int] | None = None
-        self._open_line = False  # a carriage-return line is on screen
 
     def _eta_seconds(self, step: int, metrics: Mapping[str, Any]) -> float | None:
         if not self.total_steps:
@@ -88,22 +89,20 @@ class ProgressLine:
     def show(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.is_primary:
             return
+        LIVE.show(self.format(step, metrics), self._stream or sys.stdout)
+
+    def note(self, text: str) -> None:
+        """A line of its own (a validation result) that the progress line then redraws under."""
+        if not self.is_primary:
+            return
+        LIVE.end()
         stream = self._stream or sys.stdout
-        line = self.format(step, metrics)
-        if getattr(stream, "isatty", lambda: False)():
-            stream.write("\r\x1b[2K" + line)
-            self._open_line = True
-        else:
-            stream.write(line + "\n")
+        stream.write(text + "\n")
         stream.flush()
 
     def close(self) -> None:
         """Ends an open carriage-return line."""
-        if self._open_line:
-            stream = self._stream or sys.stdout
-            stream.write("\n")
-            stream.flush()
-            self._open_line = False
+        LIVE.end()
 
 
 def _step_ms(metrics: Mapping[str, Any]) -> float | None:
