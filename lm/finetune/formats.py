@@ -7,6 +7,12 @@ UTF-8 cannot encode, a "tool" turn). A bad record is skipped and its reason coun
 says what it dropped instead of failing halfway through tokenization; only a file that gives
 nothing at all (or is missing) is an error.
 
+Why every field is type-checked before use: a reader that trusts JSON types dies on the first
+hostile line (`"role": ["user"]` is unhashable, `[` nested 100,000 deep overflows the
+recursion limit), and one bad line must cost one record, whatever its JSON. Lines are parsed
+with `lm.jsonio.loads` (bounded depth) and every field (messages, role, content, prompt,
+completion, chosen, rejected, answer) is checked for its type before it is read.
+
 Accepted records, one JSON object per line:
 
 - conversations: OpenAI `{"messages": [{"role", "content"}, ...]}` (system | developer | user |
@@ -23,13 +29,13 @@ chosen and rejected are whole conversations sharing everything but their last me
 from __future__ import annotations
 
 import glob
-import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
 
-from lm import storage
+from lm import jsonio, storage
 from lm.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -98,22 +104,31 @@ def expand_paths(spec: str) -> list[str]:
     return out
 
 
+def _parse_line(raw: bytes):
+    """One line's JSON value; a Reject naming why it is not JSON."""
+    try:
+        line = raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark is not data
+    except UnicodeDecodeError:
+        raise Reject("invalid_utf8") from None
+    try:
+        return jsonio.loads(line)
+    except jsonio.JSONError as e:
+        raise Reject("too_deep" if "nested deeper" in str(e) else "bad_json") from None
+    except ValueError:  # an integer past Python's digit limit for int(str)
+        raise Reject("huge_number") from None
+
+
 def _records(spec: str, rejects: Counter):
-    """Yields each line's JSON value; undecodable lines are counted in `rejects`. Bytes are
-    decoded per line so one bad byte costs one record, not the file."""
+    """Yields each line's JSON value; lines that are not JSON are counted in `rejects`. Bytes
+    are decoded per line so one bad byte costs one record, not the file."""
     for path in expand_paths(spec):
         for raw in storage.read_bytes(path).split(b"\n"):
             if not raw.strip():
                 continue
             try:
-                line = raw.decode("utf-8").lstrip("\ufeff")  # a byte-order mark is not data
-            except UnicodeDecodeError:
-                rejects["invalid_utf8"] += 1
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                rejects["bad_json"] += 1
+                yield _parse_line(raw)
+            except Reject as e:
+                rejects[e.reason] += 1
 
 
 # -- fields ----------------------------------------------------------------------------------
@@ -137,18 +152,23 @@ def _messages(value) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": _text(value)}]
     if not isinstance(value, list):
-        raise Reject("non_string_content")
+        raise Reject("not_a_message_list")
     if not value:
         raise Reject("empty")
-    out = []
-    for message in value:
-        if not isinstance(message, dict) or "role" not in message:
-            raise Reject("missing_role")
-        role = ROLE_ALIASES.get(message["role"], message["role"])
-        if role not in ROLES:
-            raise Reject("unknown_role")
-        out.append({"role": role, "content": _text(message.get("content"))})
-    return out
+    return [_message(message) for message in value]
+
+
+def _message(message) -> dict:
+    """One {"role", "content"} message with its role checked to be a known string."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise Reject("missing_role")
+    role = message["role"]
+    if not isinstance(role, str):  # a list or object would not even be hashable
+        raise Reject("non_string_role")
+    role = ROLE_ALIASES.get(role, role)
+    if role not in ROLES:
+        raise Reject("unknown_role")
+    return {"role": role, "content": _text(message.get("content"))}
 
 
 def _completion(value) -> tuple[list[dict], str]:
@@ -221,6 +241,8 @@ def parse_prompt(record) -> PromptItem:
     prompt = _messages(record["prompt"])
     answer = record.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float | type(None)):
+        raise Reject("bad_answer")
+    if isinstance(answer, float) and not math.isfinite(answer):  # 1e999, NaN, Infinity
         raise Reject("bad_answer")
     if isinstance(answer, int | float):
         answer = str(answer)
