@@ -340,6 +340,88 @@ def test_hf_vocab_without_bos(tmp_path):
     assert vocab.pad_id == eos and vocab.vocab_size == vocab.base_vocab_size
 
 
+# -- prompts follow the imported tokenizer's own BOS convention ----------------------------------
+
+
+def _greedy_against_transformers(family, tokenizer, tmp_path, capsys, prompt="def add"):
+    """(transformers' prompt ids, lm's prompt ids): a tiny `family` model with the `tokenizer`
+    layout, converted with `lm convert`, then the same string generated greedily by
+    transformers and by `lm sample` (tokens and printed text must agree)."""
+    import torch
+    import transformers
+
+    from lm.cli import main
+    from lm.evaluation.harness import LMEvalModel
+    from lm.inference.engine import Engine, SamplingParams
+
+    hf_dir, workdir = str(tmp_path / "hf"), str(tmp_path / "run")
+    model = parity.tiny_model(family, hf_dir, tokenizer=tokenizer)
+    assert main(["convert", f"--from_hf={hf_dir}", f"--workdir={workdir}"]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf_ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([hf_ids]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+            eos_token_id=None,  # all 12 tokens, as lm sample keeps going past no EOS
+        )
+    expected = out[0, len(hf_ids) :].tolist()
+
+    engine = Engine.from_workdir(workdir, slots=1)
+    ours = engine.encode_prompt(prompt)
+    assert LMEvalModel.from_engine(engine).tok_encode(prompt) == ours  # lm eval's contexts too
+    (result,) = engine.generate([ours], [SamplingParams(max_tokens=12, temperature=0.0)])
+    capsys.readouterr()
+    args = ["sample", f"--workdir={workdir}", f"--prompt={prompt}", "--temperature=0"]
+    assert main([*args, "--max_new_tokens=12"]) == 0
+    printed = capsys.readouterr().out
+    eos = tok.eos_token_id
+    cut = expected[: expected.index(eos)] if eos in expected else expected
+    assert result.token_ids[: len(cut)] == cut, (result.token_ids, expected)
+    assert printed == prompt + tok.decode(cut) + "\n"
+    return hf_ids, ours
+
+
+def test_imported_gpt2_samples_what_transformers_generates(tmp_path, capsys):
+    # GPT-2's tokenizer (ByteLevel post-processor) adds nothing before a text: neither may lm.
+    hf_ids, ours = _greedy_against_transformers("gpt2", "gpt2", tmp_path, capsys)
+    assert ours == hf_ids and len(hf_ids) == 4  # "def add" and no <|endoftext|>
+
+
+def test_imported_llama3_prompts_start_with_its_bos(tmp_path, capsys):
+    # Llama 3's tokenizer.json template puts <|begin_of_text|> first: so does lm.
+    hf_ids, ours = _greedy_against_transformers("llama", "llama3", tmp_path, capsys)
+    bos = json.load(open(tmp_path / "hf" / "tokenizer.json"))["added_tokens"][0]
+    assert bos["content"] == "<|begin_of_text|>"
+    assert ours == hf_ids and ours[0] == bos["id"] and ours.count(bos["id"]) == 1
+
+
+def test_prompt_start_follows_the_tokenizer_files(tmp_path):
+    from char_vocab import char_vocab
+
+    from lm.tokenizer.hf_vocab import HFVocab
+    from lm.tokenizer.vocab import SentencePieceVocab, prompt_start_id
+
+    end = parity.gpt2_tokenizer(str(tmp_path / "gpt2"))
+    gpt2 = HFVocab(str(tmp_path / "gpt2"))
+    assert (gpt2.bos_id, gpt2.start_id, prompt_start_id(gpt2)) == (end, end, None)
+    bos, _ = parity.llama3_tokenizer(str(tmp_path / "llama3"))
+    assert prompt_start_id(HFVocab(str(tmp_path / "llama3"))) == bos
+    # No post-processor: tokenizer_config.json's add_bos_token decides (transformers 4's
+    # LlamaTokenizerFast built its template from it; absent, nothing is added).
+    bos, _ = parity.tiny_tokenizer(str(tmp_path / "plain"))
+    assert prompt_start_id(HFVocab(str(tmp_path / "plain"))) is None
+    config_path = tmp_path / "plain" / "tokenizer_config.json"
+    config = json.load(open(config_path))
+    json.dump({**config, "add_bos_token": True}, open(config_path, "w"))
+    assert prompt_start_id(HFVocab(str(tmp_path / "plain"))) == bos
+    # lm's own SentencePiece runs keep BOS (id 3) before every prompt.
+    sp = char_vocab(tmp_path, "sp", [], parity.TEXTS, spare=40)
+    assert isinstance(sp, SentencePieceVocab) and prompt_start_id(sp) == 3
+
+
 def _packed_train_rows(workdir):
     from array_record.python.array_record_module import ArrayRecordReader
 

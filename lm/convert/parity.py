@@ -83,11 +83,8 @@ TEXTS = [
 ]
 
 
-def tiny_tokenizer(out_dir: str, bos: bool = True) -> tuple[int, int]:
-    """A byte-level BPE tokenizer.json (~290 tokens) trained on a few lines of Python, with a
-    tokenizer_config.json naming its special tokens (no BOS when `bos` is False, as Qwen2).
-    Returns the (bos, eos) ids. As in GPT-2 and Qwen2, id 0 is an ordinary token ("!") and the
-    special tokens come last."""
+def _bpe(specials: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on TEXTS, `specials` added last."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -99,24 +96,77 @@ def tiny_tokenizer(out_dir: str, bos: bool = True) -> tuple[int, int]:
         show_progress=False,
     )
     tok.train_from_iterator(TEXTS * 20, trainer)
-    tok.add_special_tokens(["<s>", "</s>"])
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def _save_tokenizer(tok, out_dir: str, config: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
-    config = {"eos_token": "</s>", "bos_token": "<s>" if bos else None}
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f)
+
+
+def tiny_tokenizer(out_dir: str, bos: bool = True) -> tuple[int, int]:
+    """A byte-level BPE tokenizer.json (~290 tokens) trained on a few lines of Python, with a
+    tokenizer_config.json naming its special tokens (no BOS when `bos` is False, as Qwen2).
+    Returns the (bos, eos) ids. As in GPT-2 and Qwen2, id 0 is an ordinary token ("!") and the
+    special tokens come last. It has no post-processor: encoding adds no special token."""
+    tok = _bpe(["<s>", "</s>"])
+    _save_tokenizer(tok, out_dir, {"eos_token": "</s>", "bos_token": "<s>" if bos else None})
     return tok.token_to_id("<s>"), tok.token_to_id("</s>")
 
 
-def tiny_model(family: str, out_dir: str, seed: int = 0):
+def gpt2_tokenizer(out_dir: str) -> int:
+    """A tokenizer laid out as the released GPT-2's: one special token, `<|endoftext|>` (BOS,
+    EOS and UNK alike), tokenizer.json's ByteLevel post-processor (which adds no token) and
+    the tokenizer_config.json GPT2Tokenizer saves. Returns the `<|endoftext|>` id."""
+    from tokenizers import processors
+
+    tok = _bpe(["<|endoftext|>"])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    end = "<|endoftext|>"
+    config = dict(
+        bos_token=end, eos_token=end, unk_token=end, add_prefix_space=False,
+        tokenizer_class="GPT2Tokenizer",
+    )  # fmt: skip
+    _save_tokenizer(tok, out_dir, config)
+    return tok.token_to_id(end)
+
+
+def llama3_tokenizer(out_dir: str) -> tuple[int, int]:
+    """A tokenizer laid out as Llama 3's: byte-level BPE whose tokenizer.json post-processor
+    (ByteLevel, then a TemplateProcessing) puts `<|begin_of_text|>` before every text, and no
+    `add_bos_token` in tokenizer_config.json. Returns the (bos, eos) ids."""
+    from tokenizers import processors
+
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    tok = _bpe([bos, eos])
+    bos_id = tok.token_to_id(bos)
+    template = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)]
+    )
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
+    config = dict(bos_token=bos, eos_token=eos, tokenizer_class="PreTrainedTokenizerFast")
+    _save_tokenizer(tok, out_dir, config)
+    return bos_id, tok.token_to_id(eos)
+
+
+def tiny_model(family: str, out_dir: str, seed: int = 0, tokenizer: str = "tiny"):
     """Builds, saves (safetensors + config.json + tokenizer) and returns the transformers
-    model of `family` (a TINY key), in float32 eval mode."""
+    model of `family` (a TINY key), in float32 eval mode. `tokenizer`: "tiny"
+    (`tiny_tokenizer`), "gpt2" (`gpt2_tokenizer`) or "llama3" (`llama3_tokenizer`)."""
     import torch
     import transformers
 
     config_cls, kwargs = TINY[family]
     has_bos = kwargs.get("bos_token_id", 0) is not None
-    bos, eos = tiny_tokenizer(out_dir, bos=has_bos)
+    if tokenizer == "gpt2":
+        bos = eos = gpt2_tokenizer(out_dir)
+    elif tokenizer == "llama3":
+        bos, eos = llama3_tokenizer(out_dir)
+    else:
+        bos, eos = tiny_tokenizer(out_dir, bos=has_bos)
     ids = dict(bos_token_id=bos if has_bos else None, eos_token_id=eos)
     if family == "gpt2":  # GPT-2's <|endoftext|> is both
         ids = dict(bos_token_id=eos, eos_token_id=eos)

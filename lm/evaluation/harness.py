@@ -6,10 +6,12 @@ continuation are encoded whole and split at the context's length; an empty conte
 the prefix token), so our numbers are comparable with any other lm-eval model. What differs
 per model is supplied here:
 
-- tokens: `tok_encode(text)` is `[start id] + vocab.encode(text)`, the way every training
-  document starts (`getattr(vocab, "start_id", vocab.bos_id)`: BOS, or EOS for a Hugging Face
-  vocabulary without one), like a BOS-adding Hugging Face tokenizer under lm-eval's HFLM;
-  the start id is also the prefix token of an empty context and of rolling windows.
+- tokens: `tok_encode(text)` is the vocabulary's prompt start id (if any) + `vocab.encode(text)`
+  (`lm.tokenizer.vocab.prompt_start_id`): BOS for lm's own runs, the way every training
+  document starts; for an imported model what its own tokenizer adds (Llama 3: BOS; GPT-2:
+  nothing), as lm-eval's HFLM encodes with that tokenizer. The id packed documents start with
+  (BOS, or EOS for a Hugging Face vocabulary without one) is the prefix token of an empty
+  context and of rolling windows, as HFLM's is.
 - `_loglikelihood_tokens`: the batched, jitted scorer of lm/evaluation/scoring.py, with the
   params sharded on the run's mesh. Too-long inputs lose their left end, keeping the
   continuation.
@@ -32,6 +34,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lm.errors import LMError
 from lm.evaluation.scoring import ContinuationScorer
+from lm.tokenizer.vocab import prompt_start_id
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256
@@ -155,10 +158,16 @@ class LMEvalModel(TemplateLM):
 
     @property
     def start_id(self) -> int:
+        """The id packed training documents start with (an empty context's prefix)."""
         start = getattr(self.vocab, "start_id", self.vocab.bos_id)
         if start is None:
             raise LMError("the vocabulary has neither a BOS nor a start id to begin contexts with")
         return int(start)
+
+    @property
+    def prompt_start_id(self) -> int | None:
+        """The id put before an encoded context, or None (see `prompt_start_id`)."""
+        return prompt_start_id(self.vocab)
 
     @property
     def eot_token_id(self) -> int:
@@ -175,10 +184,12 @@ class LMEvalModel(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs
     ) -> list[int]:
-        """`[start id] + ids` (as training documents begin), or the bare ids when
-        add_special_tokens is False (lm-eval's continuation of an empty context)."""
+        """`[prompt start id] + ids` (the bare ids for a vocabulary that adds none), or the
+        bare ids when add_special_tokens is False (lm-eval's continuation of an empty
+        context)."""
         ids = list(self.vocab.encode(string))
-        return ids if add_special_tokens is False else [self.start_id, *ids]
+        start = self.prompt_start_id
+        return ids if add_special_tokens is False or start is None else [start, *ids]
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.vocab.decode(ids)
@@ -262,7 +273,7 @@ class LMEvalModel(TemplateLM):
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             sampling, until = self.sampling_params(gen_kwargs, index)
-            ids = self.tok_encode(context)
+            ids = self.tok_encode(context) or [self.prefix_token_id]
             room = self.max_length - sampling.max_tokens
             prompts.append(ids[-room:] if len(ids) > room else ids)
             params.append(sampling)

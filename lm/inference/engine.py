@@ -31,6 +31,7 @@ from lm.errors import QueueFull, RequestError
 from lm.inference import placement, steps
 from lm.inference.requests import Output, Request, Result, SamplingParams, check_request
 from lm.inference.sampling import TOP_LOGPROBS
+from lm.tokenizer.vocab import prompt_start_id
 
 __all__ = ["Engine", "Output", "QueueFull", "Result", "SamplingParams"]
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Engine:
         # running streams' inter-token latency low (serving); a batch job with no one waiting
         # on a stream (RL rollouts) raises it to prefill all its prompts before decoding.
         self.prefill_budget = max(1, prefill_budget or self.chunk)
-        self.start_id = getattr(vocab, "start_id", vocab.bos_id)
+        self.start_id = prompt_start_id(vocab)  # BOS for lm's runs; an import's own convention
         leaf = jax.tree.leaves(params)[0]
         self.mesh = leaf.sharding.mesh if isinstance(leaf.sharding, NamedSharding) else None
         self.rules = rules if rules is not None else placement.default_rules(self.mesh)
@@ -132,8 +133,9 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
 
     def encode_prompt(self, text: str) -> list[int]:
-        """The ids a text prompt runs as: the start id (as every training document begins), then
-        the text's tokens."""
+        """The ids a text prompt runs as: the vocabulary's prompt start id (lm's runs: BOS, as
+        every training document begins; an imported model: what its tokenizer adds), then the
+        text's tokens."""
         return ([self.start_id] if self.start_id is not None else []) + self.vocab.encode(text)
 
     def submit(

@@ -54,6 +54,11 @@ class HFSeqioVocabulary(seqio.Vocabulary):
         return self._vocab.start_id
 
     @property
+    def prompt_start_id(self) -> int | None:
+        """The id before a prompt (the tokenizer's own convention; see HFVocab)."""
+        return self._vocab.prompt_start_id
+
+    @property
     def _base_vocab_size(self) -> int:
         return self._vocab.vocab_size
 

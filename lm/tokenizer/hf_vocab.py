@@ -15,10 +15,9 @@ model built from `vocab_size` has the checkpoint's shapes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
-from lm import storage
+from lm import jsonio, storage
 from lm.errors import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -56,9 +55,9 @@ def _read_json(path: str) -> dict:
     if not storage.exists(path):
         return {}
     try:
-        data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        data = jsonio.loads(storage.read_bytes(path))
+    except jsonio.JSONError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -109,6 +108,22 @@ class HFVocab:
         pad = self._special("pad")
         self.pad_id = self.eos_id if pad is None else pad
         self.unk_id = self._special("unk")
+        self.prompt_start_id = self._prompt_start()
+
+    def _prompt_start(self) -> int | None:
+        """The id the tokenizer itself puts before a text (what `tokenizer(text)` gives in
+        transformers), or None. tokenizer.json's post-processor decides, as in transformers 5
+        and `tokenizers`: Llama 3's TemplateProcessing adds <|begin_of_text|>, GPT-2's and
+        Qwen2's ByteLevel adds nothing. Without a post-processor, tokenizer_config.json's
+        `add_bos_token` decides (transformers 4's Llama and Gemma tokenizers built their
+        template from it)."""
+        if self._tok.post_processor is None:
+            return self.bos_id if self._tok_cfg.get("add_bos_token") is True else None
+        # Read off the tokenizer: the ids a text gets before its own tokens.
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        lead = len(full) if not bare else full.index(bare[0]) if bare[0] in full else 0
+        return int(full[0]) if lead else None
 
     def _special(self, name: str) -> int | None:
         """The id of `<name>_token` (tokenizer_config.json), else `<name>_token_id`

@@ -40,6 +40,8 @@ class SentencePieceVocab:
         self.vocab_size = self.base_vocab_size + self.extra_ids
         self.pad_id, self.eos_id, self.unk_id = PAD_ID, EOS_ID, UNK_ID
         self.bos_id = BOS_ID
+        # lm's own runs: every training document, and so every prompt, starts with BOS.
+        self.prompt_start_id = BOS_ID
 
     @property
     def digest(self) -> str:
@@ -56,6 +58,19 @@ class SentencePieceVocab:
                 break
             out.append(i if 0 <= i < self.base_vocab_size else self.unk_id)
         return self._sp.DecodeIds(out)
+
+
+def prompt_start_id(vocab) -> int | None:
+    """The id put before a prompt's tokens (sampling, serving, evaluation), or None for none.
+
+    Why not the start id packing uses: an imported model follows its own tokenizer's
+    convention (`HFVocab.prompt_start_id`: GPT-2 adds nothing, Llama 3 adds
+    <|begin_of_text|>), so the same string gives the same ids as in transformers; lm's
+    SentencePiece runs prepend BOS, as their training documents begin. A vocabulary without
+    the attribute keeps the start id of its packed documents."""
+    if hasattr(vocab, "prompt_start_id"):
+        return vocab.prompt_start_id
+    return getattr(vocab, "start_id", vocab.bos_id)
 
 
 def load_vocab(path: str, extra_ids: int = 0):
