@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _experiment_parser(sub, "plan", "FLOPs, time, energy, cost and memory of a run")
     p.add_argument("--chips", required=True, help="e.g. v5p-256 (v4/v5p count TensorCores)")
-    p.add_argument("--tokens", type=float, required=True)
+    p.add_argument(
+        "--tokens", type=float, default=None, help="training tokens (default: Chinchilla-optimal)"
+    )
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--price_per_chip_hour", type=float, default=None)
     p.add_argument("--pue", type=float, default=1.1)

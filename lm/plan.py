@@ -89,6 +89,58 @@ def analytic_memory_bytes(cfg, chips: int) -> float:
     return state + (act + logits) / tensor
 
 
+def assumptions(cfg, chips: int) -> dict:
+    """The batch, sequence length, mesh and gradient accumulation the memory estimates are for
+    (the experiment's config with its overrides), per device where it matters."""
+    from lm.sharding import MESH_AXES, mesh_shape
+
+    mesh = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, chips)))
+    accum = max(1, int(cfg.optim.grad_accum_steps))
+    batch, seq = int(cfg.data.batch_size), int(cfg.data.seq_len)
+    batch_shards = mesh["data"] * mesh["fsdp"] * mesh["expert"]
+    return dict(
+        batch=batch,
+        seq_len=seq,
+        tokens_per_step=batch * seq,
+        grad_accum=accum,
+        mesh=mesh,
+        micro_batch=batch / batch_shards / accum,
+        remat=cfg.model.remat,
+    )
+
+
+def assumption_lines(a: dict) -> list[str]:
+    """`assumes` lines: what a reader needs to judge (or change) the memory figures."""
+    mesh = " x ".join(f"{name} {size}" for name, size in a["mesh"].items())
+    micro = f"{a['micro_batch']:g}"
+    return [
+        f"global batch       {a['batch']} x {a['seq_len']} tokens = {a['tokens_per_step']:,} "
+        f"tokens/step (--config.data.batch_size, --config.data.seq_len)",
+        f"grad accumulation  {a['grad_accum']} (--config.optim.grad_accum_steps): {micro} "
+        f"sequences per device per micro-step; remat {a['remat']}",
+        f"mesh               {mesh} (--config.mesh.*)",
+    ]
+
+
+def fitting_grad_accum(cfg, chips: Chips, upto: int = 1024) -> int | None:
+    """The smallest power-of-two gradient accumulation (same global batch) whose analytic
+    memory fits in HBM, or None when none does (the model state alone is too big)."""
+    import copy
+
+    from lm.sharding import mesh_shape
+
+    data, fsdp, expert, _ = mesh_shape(cfg.mesh, chips.count)
+    per_device = int(cfg.data.batch_size) // (data * fsdp * expert)
+    trial = copy.deepcopy(cfg)
+    accum = 2 * max(1, int(cfg.optim.grad_accum_steps))
+    while accum <= min(upto, per_device) and per_device % accum == 0:
+        trial.optim.grad_accum_steps = accum
+        if analytic_memory_bytes(trial, chips.count) <= chips.hbm_gib * 2.0**30:
+            return accum
+        accum *= 2
+    return None
+
+
 def _compile_worker(experiment: str, overrides: list[str]) -> None:
     """Run with fake devices: prints the compiled train step's memory analysis as JSON."""
     from lm import sharding
@@ -145,7 +197,7 @@ def _si(x: float) -> str:
 def plan(
     experiment: str,
     chips_spec: str,
-    tokens: float,
+    tokens: float | None = None,
     overrides=(),
     mfu: float = 0.4,
     price: float | None = None,
@@ -154,7 +206,8 @@ def plan(
     compile: bool = True,
     timeout: float = 180.0,
 ) -> tuple[list[str], dict]:
-    """The report lines and the numbers behind them."""
+    """The report lines and the numbers behind them. `tokens` None: the Chinchilla-optimal
+    count (~20 per parameter)."""
     from lm.config import get_config
 
     if not 0 < mfu <= 1:
@@ -164,12 +217,16 @@ def plan(
     m = _model_cfg(cfg)
     n_params, n_matmul = flops.param_count(m), flops.matmul_param_count(m)
     per_token = flops.model_flops_per_token(m, cfg.data.seq_len)
+    chin = chinchilla_tokens(n_params)
+    chosen = tokens is not None
+    if chosen and not tokens > 0:
+        raise ConfigError(f"--tokens={tokens:g}: must be positive")
+    tokens = float(tokens) if chosen else chin
     total = tokens * per_token
     secs = train_time_s(total, chips.count, chips.peak, mfu)
     w = chips.watts if watts is None else watts
     mwh = energy_mwh(chips.count, w, secs, pue)
     usd = chips.count * secs / 3600 * (chips.price if price is None else price)
-    chin = chinchilla_tokens(n_params)
     gib = 2.0**30
     r = dict(
         params=n_params,
@@ -180,7 +237,17 @@ def plan(
         mwh=mwh,
         usd=usd,
         chinchilla_tokens=chin,
+        tokens=tokens,
+        assumptions=assumptions(cfg, chips.count),
     )
+    a = r["assumptions"]
+    steps = tokens / a["tokens_per_step"]
+    if chosen:
+        token_text = (
+            f"{tokens:.4g} (Chinchilla-optimal ~20/param: {chin:.4g}, {tokens / chin:.2f}x)"
+        )
+    else:
+        token_text = f"{tokens:.4g} (Chinchilla-optimal, ~20/param; --tokens=N to choose)"
     desc = cfg.description.splitlines()[0] if cfg.description else ""
     lines = [
         f"experiment         {experiment}: {desc}",
@@ -188,13 +255,14 @@ def plan(
         f"TFLOP/s peak, {w:.0f} W, {chips.hbm_gib:.0f} GiB HBM)",
         f"parameters         {n_params:,} ({_si(n_params)}); matmul N {n_matmul:,}",
         f"FLOPs per token    {per_token:.4g} (6N = {6 * n_matmul:.4g} + attention)",
-        f"training tokens    {tokens:.4g} (Chinchilla-optimal ~20/param: {chin:.4g}, "
-        f"{tokens / chin:.2f}x)",
+        f"training tokens    {token_text}",
+        f"steps              {steps:,.0f} at {a['tokens_per_step']:,} tokens/step",
         f"training FLOPs     {total:.4g} (6ND alone {6 * n_matmul * tokens:.4g})",
         f"time at MFU {mfu:.0%}    {secs / 3600:,.1f} h = {secs / 86400:,.2f} days",
         f"energy             {mwh:.4g} MWh (PUE {pue})",
         f"cost               ${usd:,.0f} at ${chips.price if price is None else price}/chip-hour",
     ]
+    lines += assumption_lines(a)
     analytic = analytic_memory_bytes(cfg, chips.count)
     r["analytic_bytes"] = analytic
     lines.append(f"memory/device      {analytic / gib:,.2f} GiB (analytic, rough)")
@@ -215,7 +283,19 @@ def plan(
     r["fits"] = worst <= chips.hbm_gib * gib
     lines.append(
         f"fits in HBM        {'yes' if r['fits'] else 'NO'}: {worst / gib:,.2f} of "
-        f"{chips.hbm_gib:.0f} GiB"
-        + ("" if r["fits"] else " (more fsdp/tensor parallelism, remat, a smaller batch)")
+        f"{chips.hbm_gib:.0f} GiB per device" + ("" if r["fits"] else f" ({_fit_hint(cfg, chips)})")
     )
     return lines, r
+
+
+def _fit_hint(cfg, chips: Chips) -> str:
+    accum = fitting_grad_accum(cfg, chips)
+    if accum is not None:
+        return (
+            f"--config.optim.grad_accum_steps={accum} fits by the analytic estimate, same "
+            "global batch; or more fsdp/tensor parallelism, remat"
+        )
+    return (
+        "no gradient accumulation fits by the analytic estimate: more chips, more fsdp/tensor "
+        "parallelism"
+    )

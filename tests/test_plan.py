@@ -88,3 +88,34 @@ def test_plan_works_for_the_issue_10_experiments(name, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "fits in HBM        yes" in out, out
+
+
+def test_plan_without_tokens_uses_the_chinchilla_count_and_says_so(capsys):
+    # Issue 20 item 6: --tokens was required although plan computes the Chinchilla count.
+    assert main(["plan", "--experiment=llama_1b", "--chips=v4-8", "--no_compile"]) == 0
+    out = capsys.readouterr().out
+    tokens = 20 * 1_235_814_400  # ~20 per parameter, Llama-3.2-1B's 1.24B parameters
+    assert f"training tokens    {tokens:.4g} (Chinchilla-optimal" in out
+    assert f"steps              {round(tokens / (256 * 2048)):,} at 524,288 tokens/step" in out
+
+
+def test_plan_prints_the_batch_and_mesh_its_memory_assumes(capsys):
+    # llama_1b: 256 sequences of 2048 tokens a step, no accumulation, fsdp filling the mesh;
+    # v4-8 names 8 TensorCores = 4 chips, so 64 sequences a device.
+    argv = ["plan", "--experiment=llama_1b", "--chips=v4-8", "--tokens=1e9", "--no_compile"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "global batch       256 x 2048 tokens = 524,288 tokens/step" in out
+    assert "grad accumulation  1 (--config.optim.grad_accum_steps): 64 sequences per device" in out
+    assert "mesh               data 1 x fsdp 4 x expert 1 x tensor 1" in out
+    lines = out.splitlines()
+    memory = next(i for i, line in enumerate(lines) if line.startswith("memory/device"))
+    assert lines[memory - 1].startswith("mesh")  # next to the memory figures they explain
+    # It does not fit; the suggested accumulation does, with the same global batch.
+    fits = next(line for line in lines if line.startswith("fits in HBM"))
+    assert fits.startswith("fits in HBM        NO") and "grad_accum_steps=8" in fits
+    assert main([*argv, "--config.optim.grad_accum_steps=8", "--config.mesh.tensor=2"]) == 0
+    out = capsys.readouterr().out
+    assert "grad accumulation  8 (--config.optim.grad_accum_steps): 16 sequences per device" in out
+    assert "mesh               data 1 x fsdp 2 x expert 1 x tensor 2" in out
+    assert "fits in HBM        yes" in out
