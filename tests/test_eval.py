@@ -336,19 +336,6 @@ def test_make_tasks_cuts_lines_at_their_closing_brackets():
         assert doc["docstring"].split()[2] == meaning[doc["choices"][doc["answer"]]]
 
 
-def test_report_section_replaces_and_respects_fences():
-    old = "# Run report\n\n## Summary\n\nx\n\n## Config\n\n```yaml\n## not a heading\n```\n"
-    first = report.replace_section(old, "## Evaluation\n\nA\n")
-    assert first.index("## Evaluation") < first.index("## Config")
-    second = report.replace_section(first, "## Evaluation\n\nB\n")
-    assert second.count("## Evaluation") == 1 and "\nB\n" in second and "\nA\n" not in second
-    assert second.endswith("```yaml\n## not a heading\n```\n")
-    appended = report.replace_section(
-        "# R\n\n## Tail\n\n```\n## Evaluation\n```\n", "## Evaluation\n\nC\n"
-    )
-    assert appended.endswith("```\n\n## Evaluation\n\nC\n\n")
-
-
 def test_registered_as_the_lm_eval_model_lm(tiny_workdir):
     from lm_eval.api.registry import get_model
 

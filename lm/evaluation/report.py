@@ -2,8 +2,8 @@
 
 The markdown table has one row per (task or group, metric): value, ± standard error (lm-eval's;
 "—" where it has none, e.g. perplexities) and n, the number of docs scored. The same table
-goes into the run's report.md under "## Evaluation" (replacing an earlier one), before the
-"## Config" section when there is one.
+goes into the run's report.md as its "evaluation" section (lm/training/report.py's
+`update_report_section`: an earlier one is replaced, the sections other commands wrote are kept).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lm_eval.utils import handle_non_serializable
 from lm import storage
 
 SECTION = "## Evaluation"
+REPORT_SECTION = "evaluation"  # its name among report.md's sections
 
 
 def json_safe(results: dict) -> dict:
@@ -110,28 +111,6 @@ def section_text(results: dict, details: str = "eval/results.json") -> str:
     )
 
 
-def replace_section(report: str, section: str) -> str:
-    """`report` with its "## Evaluation" section replaced by `section` (or inserted before
-    "## Config", or appended). Headings inside ``` fences are not sections."""
-    lines = report.splitlines(keepends=True)
-    starts, fenced = [], False
-    for i, line in enumerate(lines):
-        if line.startswith("```"):
-            fenced = not fenced
-        elif not fenced and line.startswith("## "):
-            starts.append(i)
-    body = section.rstrip("\n") + "\n\n"
-    for k, i in enumerate(starts):
-        if lines[i].rstrip() == SECTION:
-            end = starts[k + 1] if k + 1 < len(starts) else len(lines)
-            return "".join(lines[:i]) + body + "".join(lines[end:])
-    for i in starts:
-        if lines[i].rstrip() == "## Config":
-            return "".join(lines[:i]) + body + "".join(lines[i:])
-    sep = "" if not report or report.endswith("\n\n") else "\n" if report.endswith("\n") else "\n\n"
-    return report + sep + body
-
-
 def write_outputs(results: dict, json_path: str, report_path: str | None) -> str:
     """Writes results JSON at `json_path` and the table beside it (.md); updates the report's
     section when `report_path` is given. Returns the table."""
@@ -140,8 +119,9 @@ def write_outputs(results: dict, json_path: str, report_path: str | None) -> str
     md_path = json_path[: -len(".json")] if json_path.endswith(".json") else json_path
     storage.write_text(md_path + ".md", "# Evaluation\n\n" + table)
     if report_path is not None:
-        old = storage.read_text(report_path) if storage.exists(report_path) else "# Run report\n"
+        from lm.training.report import update_report_section
+
         details = os.path.relpath(json_path, os.path.dirname(report_path) or ".")
         details = json_path if details.startswith("..") or storage.is_remote(json_path) else details
-        storage.write_text(report_path, replace_section(old, section_text(results, details)))
+        update_report_section(report_path, REPORT_SECTION, section_text(results, details))
     return table

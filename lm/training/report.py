@@ -1,51 +1,37 @@
-"""The end-of-run report: `<workdir>/report.md` with config, summary numbers, loss curve, samples.
+"""The run report: `<workdir>/report.md`, a set of named sections each command owns.
 
-Why: a run directory should explain itself to someone who did not launch it. Everything here is
-derived from `metrics.jsonl` (written by `MetricsWriter`), so a report can be regenerated for any
-finished or interrupted run without the model.
+Why: a run directory should explain itself to someone who did not launch it. `lm train` writes
+the summary, loss curve, phase times and samples (derived from `metrics.jsonl`, so a report can
+be regenerated for any finished or interrupted run) and the config; `lm eval` writes its
+Evaluation section; `lm finetune` its own. Each section starts with a marker line
+`<!-- lm:section NAME -->` (invisible when rendered), and `write_report_section` replaces only
+the named one, so re-running a finished `lm train` no longer drops what `lm eval` wrote.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
+import re
 import statistics
 from collections.abc import Mapping
 from typing import Any
 
 from lm import storage
+from lm.stages import format_seconds
 from lm.training.evaluate import bits_per_byte, perplexity
+from lm.training.report_plots import (
+    VALIDATION_SPLITS,
+    finite_number,
+    metric_series,
+    plot_expert_load,
+    plot_loss_curve,
+)
 from lm.training.writers import read_metrics
 
 REPORT_FILE = "report.md"
 LOSS_CURVE_FILE = "loss_curve.png"
 EXPERT_LOAD_FILE = "expert_load.png"
 MOE_SCALARS = ("load_balance_loss", "router_z_loss", "dropped_fraction", "router_entropy")
-VALIDATION_SPLITS = ("eval", "valid", "validation", "val")
-
-
-def _num(v: Any) -> float | None:
-    """A finite float, or None for missing/non-numeric/NaN values."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _series(records: list[dict], splits: tuple[str, ...], key: str) -> list[tuple[int, float]]:
-    """(step, value) for records of `splits` with a finite `key`, sorted by step, last wins."""
-    by_step: dict[int, float] = {}
-    for r in records:
-        if r.get("split", "train") not in splits:
-            continue
-        v = _num(r.get(key))
-        if v is not None and isinstance(r.get("step"), int | float):
-            by_step[int(r["step"])] = v
-    return sorted(by_step.items())
 
 
 def summarize(records: list[dict]) -> dict[str, float | None]:
@@ -54,8 +40,8 @@ def summarize(records: list[dict]) -> dict[str, float | None]:
     Perplexity and bits per byte use the last validation loss when there is one, else the final
     train loss. Bits per byte needs a logged `bits_per_byte` or `bytes_per_token`.
     """
-    train = _series(records, ("train",), "loss")
-    val = _series(records, VALIDATION_SPLITS, "loss")
+    train = metric_series(records, ("train",), "loss")
+    val = metric_series(records, VALIDATION_SPLITS, "loss")
     final_train = train[-1][1] if train else None
     last_val = val[-1][1] if val else None
     best_val = min(v for _, v in val) if val else None
@@ -63,23 +49,23 @@ def summarize(records: list[dict]) -> dict[str, float | None]:
     ref_splits = VALIDATION_SPLITS if last_val is not None else ("train",)
 
     bpb = None
-    logged_bpb = _series(records, ref_splits, "bits_per_byte")
+    logged_bpb = metric_series(records, ref_splits, "bits_per_byte")
     if logged_bpb:
         bpb = logged_bpb[-1][1]
     else:
-        bpt = _series(records, ref_splits, "bytes_per_token") or _series(
+        bpt = metric_series(records, ref_splits, "bytes_per_token") or metric_series(
             records, tuple({"train", *VALIDATION_SPLITS}), "bytes_per_token"
         )
         if ref_loss is not None and bpt and bpt[-1][1] > 0:
             bpb = bits_per_byte(ref_loss, bpt[-1][1])
 
-    tps = [v for _, v in _series(records, ("train",), "tokens_per_s")]
-    mfus = [v for _, v in _series(records, ("train",), "mfu")]
+    tps = [v for _, v in metric_series(records, ("train",), "tokens_per_s")]
+    mfus = [v for _, v in metric_series(records, ("train",), "mfu")]
     steps = [int(r["step"]) for r in records if isinstance(r.get("step"), int | float)]
 
     wall = None
-    elapsed = [v for r in records if (v := _num(r.get("elapsed_s"))) is not None]
-    times = [v for r in records if (v := _num(r.get("time"))) is not None]
+    elapsed = [v for r in records if (v := finite_number(r.get("elapsed_s"))) is not None]
+    times = [v for r in records if (v := finite_number(r.get("time"))) is not None]
     if elapsed:
         wall = max(elapsed)
     elif len(times) >= 2:
@@ -111,90 +97,6 @@ def _fmt_wall(seconds: float | None) -> str:
     return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
 
 
-def _figure(width: float, height: float):
-    """A headless matplotlib Figure (the Agg canvas: no display, no pyplot global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def plot_loss_curve(records: list[dict]) -> bytes | None:
-    """PNG bytes of train loss vs step with validation points; None when nothing to plot.
-
-    Uses the object-oriented Agg canvas (no pyplot), so it neither needs a display nor changes the
-    global matplotlib backend of the calling process. The y axis is logarithmic when the loss spans
-    more than a factor of 3, which keeps the late, slow part of training readable.
-    """
-    from matplotlib.ticker import FuncFormatter
-
-    train = _series(records, ("train",), "loss")
-    val = _series(records, VALIDATION_SPLITS, "loss")
-    if not train and not val:
-        return None
-    fig = _figure(7, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train", lw=1.2)
-    if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="validation", ms=4, lw=1)
-    values = [v for _, v in train + val]
-    if min(values) > 0 and max(values) / min(values) > 3:
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
-def last_expert_load(records: list[dict]) -> tuple[int, list[float]] | None:
-    """(step, per-expert load) of the last train record with `moe/expert_load` (the fraction of
-    token-to-expert assignments per expert, averaged over MoE layers); None for a dense run."""
-    found = None
-    for r in records:
-        load = r.get("moe/expert_load")
-        if r.get("split", "train") == "train" and isinstance(load, list) and load:
-            values = [_num(v) for v in load]
-            if all(v is not None for v in values) and isinstance(r.get("step"), int | float):
-                if found is None or int(r["step"]) >= found[0]:
-                    found = (int(r["step"]), values)
-    return found
-
-
-def plot_expert_load(records: list[dict]) -> bytes | None:
-    """PNG bytes of a bar chart of the last logged per-expert load, with the balanced level
-    1/E as a line, so routing collapse (a few tall bars) is visible at a glance."""
-    found = last_expert_load(records)
-    if found is None:
-        return None
-    step, load = found
-    fig = _figure(7, 3.5)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(range(len(load)), load, color="tab:blue")
-    ax.axhline(1.0 / len(load), color="tab:red", ls="--", lw=1, label="balanced (1/E)")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("fraction of assignments")
-    ax.set_title(f"expert load at step {step} (mean over MoE layers)")
-    if len(load) <= 32:
-        ax.set_xticks(range(len(load)))
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
 def _moe_lines(workdir: str, records: list[dict]) -> list[str]:
     """The report's expert-load section (chart + last MoE scalars); [] for a dense run."""
     png = plot_expert_load(records)
@@ -204,7 +106,7 @@ def _moe_lines(workdir: str, records: list[dict]) -> list[str]:
     lines = ["## Expert load", "", f"![expert load]({EXPERT_LOAD_FILE})", ""]
     lines += ["| metric (last train step) | value |", "|---|---|"]
     for name in MOE_SCALARS:
-        series = _series(records, ("train",), f"moe/{name}")
+        series = metric_series(records, ("train",), f"moe/{name}")
         lines.append(f"| moe/{name} | {_fmt(series[-1][1] if series else None, '.4g')} |")
     return [*lines, ""]
 
@@ -243,30 +145,125 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
-def write_report(
-    workdir: str,
-    config: Any,
-    samples: list[tuple[str, str]] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> str:
-    """Writes `<workdir>/report.md` (and `loss_curve.png` next to it); returns the report path.
+# ---- sections: one mechanism for every command that writes into report.md ----
 
-    `config` is the run's ConfigDict (or a plain dict); `samples` are (prompt, completion) pairs;
-    `extra` adds rows (e.g. parameter count, device kind) to the summary table.
-    """
+TITLE = "# Run report"
+SECTION_MARK = "<!-- lm:section {name} -->"
+_MARK = re.compile(r"^<!-- lm:section ([A-Za-z0-9_.-]+) -->[ \t]*$")
+_FENCE_OPEN = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# Where a section goes when the report does not hold it yet: by rank, unknown names at 50.
+SECTION_RANK = {"training": 0, "finetune": 10, "evaluation": 30, "config": 90}
+
+
+def _outside_fences(lines: list[str]) -> list[bool]:
+    """For each line, whether it is outside every ``` / ~~~ code fence (CommonMark: a fence
+    closes on a line of the same character at least as long, and nothing else)."""
+    out, fence = [], None
+    for line in lines:
+        if fence is None:
+            out.append(True)
+            m = _FENCE_OPEN.match(line)
+            if m:
+                fence = m.group(1)
+        else:
+            out.append(False)
+            bare = line.strip()
+            if bare and set(bare) == {fence[0]} and len(bare) >= len(fence):
+                fence = None
+    return out
+
+
+def _contained(markdown: str) -> str:
+    """`markdown` made safe to be one section: a line that would read as a section marker is
+    escaped (it shows as text), and a code fence left open is closed."""
+    lines = markdown.strip("\n").splitlines()
+    outside = _outside_fences(lines)
+    safe = [
+        line.replace("<!--", "&lt;!--", 1) if free and _MARK.match(line) else line
+        for line, free in zip(lines, outside)
+    ]
+    still_open = _outside_fences([*lines, "x"])[-1] is False
+    if still_open:
+        fence = next(m.group(1) for m in map(_FENCE_OPEN.match, lines) if m)
+        safe.append(fence[0] * 40)
+    return "\n".join(safe)
+
+
+def _legacy_sections(text: str) -> dict[str, str]:
+    """The sections of a report written before markers existed: only the "## Evaluation" part
+    is another command's (`lm eval`); the rest was the trainer's and is rewritten."""
+    lines = text.splitlines()
+    outside = _outside_fences(lines)
+    heads = [i for i, (line, free) in enumerate(zip(lines, outside)) if free and line[:3] == "## "]
+    for k, i in enumerate(heads):
+        if lines[i].rstrip() == "## Evaluation":
+            end = heads[k + 1] if k + 1 < len(heads) else len(lines)
+            return {"evaluation": "\n".join(lines[i:end])}
+    return {}
+
+
+def parse_sections(text: str) -> dict[str, str]:
+    """name -> markdown of every marked section of a report, in file order (text before the
+    first marker is the title, which `render_sections` writes again)."""
+    lines = text.splitlines()
+    outside = _outside_fences(lines)
+    starts = [
+        (i, m.group(1))
+        for i, (line, free) in enumerate(zip(lines, outside))
+        if free and (m := _MARK.match(line))
+    ]
+    if not starts:
+        return _legacy_sections(text)
+    sections = {}
+    for k, (i, name) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)
+        sections[name] = "\n".join(lines[i + 1 : end]).strip("\n")
+    return sections
+
+
+def render_sections(sections: Mapping[str, str]) -> str:
+    """The report text: the title, then every section under its marker."""
+    parts = [TITLE, ""]
+    for name, markdown in sections.items():
+        parts += [SECTION_MARK.format(name=name), markdown.strip("\n"), ""]
+    return "\n".join(parts)
+
+
+def with_section(sections: Mapping[str, str], name: str, markdown: str) -> dict[str, str]:
+    """`sections` with `name` replaced in place, or inserted before the first section of a
+    higher rank (so a fresh report reads training, fine-tuning, evaluation, config)."""
+    if not _MARK.match(SECTION_MARK.format(name=name)):
+        raise ValueError(f"report section names are letters, digits, '_', '.', '-': {name!r}")
+    body = _contained(markdown)
+    if name in sections:
+        return {k: body if k == name else v for k, v in sections.items()}
+    rank = SECTION_RANK.get(name, 50)
+    out: dict[str, str] = {}
+    for k, v in sections.items():
+        if name not in out and SECTION_RANK.get(k, 50) > rank:
+            out[name] = body
+        out[k] = v
+    out.setdefault(name, body)
+    return out
+
+
+def update_report_section(path: str, name: str, markdown: str) -> str:
+    """Replaces (or adds) section `name` of the report at `path`, keeping every other
+    section as it is; returns `path`."""
+    old = storage.read_text(path) if storage.exists(path) else ""
+    storage.write_text(path, render_sections(with_section(parse_sections(old), name, markdown)))
+    return path
+
+
+def write_report_section(workdir: str, name: str, markdown: str) -> str:
+    """Replaces (or adds) section `name` of `<workdir>/report.md`, keeping the sections other
+    commands wrote (`lm train`: training and config, `lm eval`: evaluation, `lm finetune`:
+    finetune). Returns the report's path."""
     storage.makedirs(workdir)
-    records = read_metrics(workdir)
-    summary = summarize(records)
-    cfg = _config_dict(config)
-    description = ""
-    if isinstance(cfg, Mapping):
-        description = str(cfg.get("description", "") or "")
+    return update_report_section(storage.join(workdir, REPORT_FILE), name, markdown)
 
-    lines = ["# Run report", ""]
-    lines += [description or "_No description._", ""]
-    lines += [f"Workdir: `{workdir}`", ""]
 
-    lines += ["## Summary", "", "| metric | value |", "|---|---|"]
+def _summary_lines(summary: dict, command_s: float | None, extra: Mapping[str, Any]) -> list[str]:
     rows = [
         ("final train loss", _fmt(summary["final_train_loss"], ".4f")),
         ("best validation loss", _fmt(summary["best_val_loss"], ".4f")),
@@ -279,13 +276,75 @@ def write_report(
             "n/a" if summary["mfu_median"] is None else f"{100 * summary['mfu_median']:.1f}%",
         ),
         ("total steps", _fmt(summary["total_steps"], ".0f")),
-        ("wall time", _fmt_wall(summary["wall_time_s"])),
+        ("wall time (training steps)", _fmt_wall(summary["wall_time_s"])),
     ]
-    for k, v in (extra or {}).items():
-        rows.append((str(k), "n/a" if v is None else str(v)))
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    lines.append("")
+    if command_s is not None:
+        rows.append(("wall time (whole command)", _fmt_wall(command_s)))
+    rows += [(str(k), "n/a" if v is None else str(v)) for k, v in extra.items()]
+    return [
+        "## Summary",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+    ]
 
+
+def _phase_lines(phases: list[tuple[str, float]], command_s: float | None) -> list[str]:
+    """The "Start-up and phases" table: every named phase of the command with its time, and
+    what no phase covers, so the rows add up to the whole command."""
+    if not phases:
+        return []
+    lines = ["## Start-up and phases", ""]
+    lines += ["Every phase of this command in order, start-up first.", ""]
+    lines += ["| phase | time |", "|---|---:|"]
+    lines += [f"| {name} | {format_seconds(seconds)} |" for name, seconds in phases]
+    if command_s is not None:
+        rest = command_s - sum(seconds for _, seconds in phases)
+        if rest >= 0.5:
+            lines.append(f"| other (outside the phases above) | {format_seconds(rest)} |")
+        lines.append(f"| **whole command** | **{_fmt_wall(command_s)}** |")
+    return [*lines, ""]
+
+
+def _sample_lines(samples: list[tuple[str, str]] | None) -> list[str]:
+    lines = ["## Samples", ""]
+    if not samples:
+        return [*lines, "_No samples._", ""]
+    for prompt, completion in samples:
+        fence = _fence(prompt + completion)
+        lines += ["Prompt:", "", fence, prompt, fence, "", "Completion:", "", fence]
+        lines += [completion, fence, ""]
+    return lines
+
+
+def write_report(
+    workdir: str,
+    config: Any,
+    samples: list[tuple[str, str]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    phases: list[tuple[str, float]] | None = None,
+    command_s: float | None = None,
+) -> str:
+    """Writes the training and config sections of `<workdir>/report.md` (and `loss_curve.png`
+    next to it), keeping every other section; returns the report path.
+
+    `config` is the run's ConfigDict (or a plain dict); `samples` are (prompt, completion) pairs;
+    `extra` adds rows (e.g. parameter count, device kind) to the summary table; `phases` are the
+    command's named phases with their seconds (`lm.stages.timings()`) and `command_s` its whole
+    wall time.
+    """
+    storage.makedirs(workdir)
+    records = read_metrics(workdir)
+    summary = summarize(records)
+    cfg = _config_dict(config)
+    description = ""
+    if isinstance(cfg, Mapping):
+        description = str(cfg.get("description", "") or "")
+
+    lines = [description or "_No description._", "", f"Workdir: `{workdir}`", ""]
+    lines += [*_summary_lines(summary, command_s, extra or {}), ""]
+    lines += _phase_lines(phases or [], command_s)
     png = plot_loss_curve(records)
     lines += ["## Loss curve", ""]
     if png is not None:
@@ -294,33 +353,24 @@ def write_report(
     else:
         lines += ["_No loss metrics were logged._", ""]
     lines += _moe_lines(workdir, records)
+    lines += _sample_lines(samples)
+    write_report_section(workdir, "training", "\n".join(lines))
 
-    lines += ["## Samples", ""]
-    if samples:
-        for prompt, completion in samples:
-            fence = _fence(prompt + completion)
-            lines += ["Prompt:", "", fence, prompt, fence, "", "Completion:", "", fence]
-            lines += [completion, fence, ""]
-    else:
-        lines += ["_No samples._", ""]
-
-    if isinstance(cfg, Mapping):
-        cfg_lines = _yamlish(cfg)
-    else:
-        cfg_lines = [json.dumps(cfg, default=str)]
-    lines += ["## Config", "", "```yaml", *cfg_lines, "```", ""]
-
-    path = storage.join(workdir, REPORT_FILE)
-    storage.write_text(path, "\n".join(lines))
-    return path
+    cfg_lines = _yamlish(cfg) if isinstance(cfg, Mapping) else [json.dumps(cfg, default=str)]
+    return write_report_section(
+        workdir, "config", "\n".join(["## Config", "", "```yaml", *cfg_lines, "```"])
+    )
 
 
 __all__ = [
     "EXPERT_LOAD_FILE",
     "LOSS_CURVE_FILE",
     "REPORT_FILE",
+    "parse_sections",
     "plot_expert_load",
     "plot_loss_curve",
     "summarize",
+    "update_report_section",
     "write_report",
+    "write_report_section",
 ]
