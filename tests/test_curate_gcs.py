@@ -79,6 +79,7 @@ def test_data_run_reads_and_writes_a_bucket(gcs, tmp_path, monkeypatch, capsys):
     assert "plots/lengths.png" in files and "_stats.json" not in files
     assert not [f for f in files if "-of-00003" in f], files  # stale shards removed
     assert not os.path.exists(tmp_path / "gs:")
+    assert not [f for f in fs.find(bare.split("/")[0]) if ".staging-" in f]  # swapped in, gone
 
     manifest = read_manifest(out)
     assert manifest["reconciled"] is True

@@ -368,6 +368,9 @@ def test_every_hostile_input_is_kept_or_a_counted_reject(curated):
     print(f"\n{'input':{width}}  ->  where it went (id)")
     for what, doc_id, outcome in rows:
         print(f"{what:{width}}  ->  {outcome}  ({doc_id})")
+    # Counted from what build_corpus wrote, each matched against what the run wrote.
+    total = sum(len(cases) for cases in expected.values())
+    print(f"hostile inputs accounted (hostile corpus): {len(rows)}/{total}")
     if IS_ROOT:
         print(f"(chmod 000 file and directory cases not built: {ROOT_REASON})")
 
@@ -435,13 +438,17 @@ def test_a_lost_or_doubled_document_fails_the_run_loudly(fault, tmp_path, monkey
     problem = "missing: 1" if fault == "drop" else "written twice: 1"
     message = str(err.value)
     assert problem in message and lost in message and "\n" not in message
-    with open(os.path.join(out, "data_report.json")) as f:
+    # The failed run's report is kept beside the output, named in the message; no manifest is
+    # written anywhere, and the output itself was never created.
+    failed = f"{out}.failed"
+    assert f"{failed}/data_report.md" in message
+    with open(os.path.join(failed, "data_report.json")) as f:
         rec = json.load(f)["reconciliation"]
     assert not rec["ok"]
     name = "missing" if fault == "drop" else "written_twice"
     assert rec["ids"]["problems"][name] == [1, [lost]]
-    with open(os.path.join(out, "manifest.json")) as f:
-        assert json.load(f)["reconciled"] is False
+    assert not os.path.exists(out) and not os.path.exists(os.path.join(failed, "manifest.json"))
+    assert sorted(os.listdir(tmp_path)) == ["c", "out.failed"]  # no staging directory left
     # Through the command line: one line on stderr, exit status 2, no traceback.
     rc = main(
         [

@@ -142,6 +142,14 @@ def printable_name(name: str) -> str:
         return raw.decode("utf-8", "backslashreplace")
 
 
+def escaped_name(name: str) -> str:
+    """A file name as it appears in ids: the bad bytes of a name that is not valid UTF-8 become
+    `\\xNN` (as `printable_name`), and a backslash in the name is doubled, so two different
+    names never look alike (a file literally named `a\\xffb` next to one with the byte 0xff)."""
+    raw = name.encode("utf-8", "surrogateescape").replace(b"\\", b"\\\\")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def remove_boilerplate(text: str, max_words: int) -> str:
     """Drops short lines that match web boilerplate phrases (long lines are kept: real prose can
     mention cookies)."""

@@ -44,7 +44,7 @@ from typing import Any
 import ml_collections
 
 from lm.config import apply_overrides
-from lm.curate import output
+from lm.curate import output, publish
 from lm.curate.config import config_hash, list_pipelines, load_pipeline, validate
 from lm.curate.inputs import expand_inputs
 from lm.errors import ConfigError, DataError
@@ -147,20 +147,40 @@ def run_curation(
 ) -> dict[str, Any]:
     """Runs a configured pipeline into `output_dir`; returns the report dict.
 
-    Raises ConfigError for user mistakes (no inputs, bad source type), and DataError (one line:
-    how many documents, the first ids) when what was written does not reconcile with what was
-    read; the report and manifest are written first, with `reconciled: false`."""
+    The run is written into a staging directory beside `output_dir` and replaces the previous
+    output only once it is complete and reconciled (publish.py): a run that fails, for any
+    reason, leaves the previous output as it was and no manifest anything would read. Raises
+    ConfigError for user mistakes (no inputs, bad source type), and DataError (one line: how
+    many documents, the first ids, where the failed run's report is) when what was written does
+    not reconcile with what was read."""
     plain = cfg.to_dict()
     validate(plain)
     inputs = expand_inputs(plain["source"])
     if not inputs:
         raise ConfigError(f"no input files matched source {plain['source']['type']!r}")
-    output_dir = output_dir.rstrip("/")
+    output_dir = publish.resolve(output_dir)
+    args = _runner_args(beam_args)
+    staging = publish.staging_dir(output_dir)
+    try:
+        rep, rec = _curate(cfg, plain, inputs, staging, args, name)
+    except BaseException:
+        publish.discard(staging)
+        raise
+    if not rec["ok"]:
+        from lm.curate import report
+
+        failed = publish.keep_failed_report(staging, output_dir)
+        raise DataError(report.mismatch_message(rec, failed))
+    publish.publish(staging, output_dir)
+    return rep
+
+
+def _curate(cfg, plain: dict, inputs: list, output_dir: str, args: list[str], name: str):
+    """Runs the pipeline into `output_dir` (the staging directory) and writes its report, and,
+    last and only if the run reconciled, its manifest. Returns (report, reconciliation)."""
     # Beam is imported only now: user mistakes above fail fast, without its import-time noise.
     from lm.curate import pipeline, report
 
-    output.clear_previous(output_dir)
-    args = _runner_args(beam_args)
     result = pipeline.run(plain, inputs, output_dir, args)
     stats, clusters, shards = result["stats"], result["clusters"], result["shards"]
     chash = config_hash(cfg)
@@ -173,9 +193,12 @@ def run_curation(
         "seconds": result["seconds"],
     }
     # Checked against the readers' own counts and an id-by-id join of read and written, not
-    # only the chain's summaries; a mismatch is written down, then fails the run (below).
+    # only the chain's summaries; a mismatch is written down, then fails the run.
     rec = report.reconcile(stats, result["read"], result["ids"])
     rep = report.write_report(output_dir, stats, clusters, meta, rec)
+    output.remove(f"{output_dir}/_stats.json")
+    if not rec["ok"]:
+        return rep, rec
     manifest = {
         "pipeline": name,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -201,11 +224,8 @@ def run_curation(
         "decontam_ngrams": result["decontam_ngrams"],
         "shards": shards,
     }
-    output.write_text(f"{output_dir}/manifest.json", json.dumps(manifest, indent=1))
-    output.remove(f"{output_dir}/_stats.json")
-    if not rec["ok"]:
-        raise DataError(report.mismatch_message(rec, output_dir))
-    return rep
+    output.write_text(f"{output_dir}/{output.MANIFEST}", json.dumps(manifest, indent=1))
+    return rep, rec
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import ml_collections
 
+from lm import storage
 from lm.config import list_configs, load_config
 from lm.errors import ConfigError
 
@@ -174,13 +174,21 @@ def validate(c: dict) -> None:
     need(not bad, f"--config.pii.kinds: unknown {bad}; known: {', '.join(PII_KINDS)}")
     for group in ("blocklist", "url_blocklist"):
         path = c[group]["file"]
-        need(not path or os.path.exists(path), f"--config.{group}.file not found: {path}")
+        need(not path or storage.exists(path), f"--config.{group}.file not found: {path}")
+        need(not path or storage.is_regular_file(path), _not_regular(f"{group}.file", path))
     for item in (s.strip() for s in c["decontam"]["eval_sets"].split(",")):
         need(
-            not item or item in EVAL_SETS or os.path.exists(item),
+            not item or item in EVAL_SETS or storage.exists(item),
             f"--config.decontam.eval_sets: {item!r} is neither a registered eval set "
             f"({', '.join(sorted(EVAL_SETS)) or 'none registered'}) nor a file",
         )
+        known = not item or item in EVAL_SETS
+        need(known or storage.is_regular_file(item), _not_regular("decontam.eval_sets", item))
+
+
+def _not_regular(key: str, path: str) -> str:
+    """Files named in the config are read whole: a FIFO or device would block or never end."""
+    return f"--config.{key}: {path} is not a regular file (a FIFO, device or directory)"
 
 
 def config_hash(cfg: ml_collections.ConfigDict) -> str:

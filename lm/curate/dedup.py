@@ -15,13 +15,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import xxhash
 
+from lm import jsonio, storage
 from lm.curate.textstats import TextView, hash_words, ngram_hashes
+from lm.errors import DataError
 
 
 def exact_key(view: TextView) -> str:
@@ -134,20 +135,25 @@ def register_eval_set(name: str, loader: Callable[[], Iterable[str]]) -> None:
 
 def read_eval_file(path: str, field: str = "text") -> Iterator[str]:
     """Texts of an eval-set file: JSONL (every string value of `field`, or of all fields when
-    absent) or plain text (one example per non-empty line)."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            if path.endswith((".jsonl", ".json")):
-                record = json.loads(line)
-                if field in record:
-                    yield str(record[field])
-                else:
-                    yield " ".join(str(v) for v in record.values() if isinstance(v, str))
-            else:
-                yield line
+    absent) or plain text (one example per non-empty line). Read whole through `lm.storage`
+    (which refuses a FIFO or device); a bad JSONL line is a one-line DataError naming it."""
+    for lineno, line in enumerate(storage.read_text(path).splitlines(), 1):
+        line = line.strip().removeprefix("\ufeff")
+        if not line:
+            continue
+        if not path.endswith((".jsonl", ".json")):
+            yield line
+            continue
+        try:
+            record = jsonio.loads(line)
+        except jsonio.JSONError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+        if field in record:
+            yield str(record[field])
+        else:
+            yield " ".join(str(v) for v in record.values() if isinstance(v, str))
 
 
 def eval_texts(spec: str) -> Iterator[str]:

@@ -16,7 +16,7 @@ import sysconfig
 from typing import Any
 
 from lm import storage
-from lm.curate.clean import printable_name
+from lm.curate.clean import escaped_name, printable_name
 from lm.curate.sources import CONTAINER_EXTENSIONS, _errno_name, _tfds_data_dir
 from lm.errors import ConfigError
 
@@ -169,8 +169,8 @@ def expand_inputs(src: dict[str, Any]) -> list[tuple]:
 
 def _encodable(path: str, rel: str, *why: str) -> tuple:
     """A file name that is not valid UTF-8 (os.walk hands it over with surrogate escapes) cannot
-    cross a Beam coder as a string: its path travels as bytes, its relative name (the id)
-    with the bad bytes written as `\\xNN`."""
+    cross a Beam coder as a string: its path travels as bytes. The relative name (the id) is
+    `escaped_name(rel)`: bad bytes written as `\\xNN`, backslashes doubled, so it stays unique."""
     if printable_name(path) != path:
-        return (os.fsencode(path), printable_name(rel), *why)
-    return (path, rel, *why)
+        return (os.fsencode(path), escaped_name(rel), *why)
+    return (path, escaped_name(rel), *why)

@@ -10,12 +10,17 @@ the same whichever runner (or how many workers) produced them; within a shard re
 arrival order (`ShardWriter` streams them, never sorting a shard in memory). ArrayRecord is
 written with `group_size:1` so readers (grain, seqio) can seek to any record. `<output>` may be
 a local directory or `gs://...` (all I/O goes through `lm.storage`).
+
+A run writes all of this into a staging directory and swaps it in only when it reconciled
+(publish.py), so `manifest.json` exists only in a complete, reconciled output; readers go through
+`read_manifest`, which also refuses a manifest that says `reconciled: false`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -23,11 +28,15 @@ from typing import Any
 
 import xxhash
 
-from lm import storage
+from lm import jsonio, storage
+from lm.errors import DataError
 
 KEPT_FIELDS = ("id", "source", "path", "url", "kind", "language", "lang_score", "pii", "text")
 DOCS_PREFIX = "documents"
 REJECTS_DIR = "rejects"
+MANIFEST = "manifest.json"
+# What a manifest may list: a shard name this module writes, never a path outside the output.
+_SHARD_NAME = re.compile(rf"^(?:{REJECTS_DIR}/)?[A-Za-z0-9_.-]+$")
 
 
 def shard_of(doc_id: str, num_shards: int) -> int:
@@ -159,21 +168,6 @@ def shard_path(output_dir: str, kind: str, index: int, num_shards: int) -> str:
     return f"{output_dir}/{REJECTS_DIR}/rejects-{index:05d}-of-{num_shards:05d}.jsonl"
 
 
-def clear_previous(output_dir: str) -> None:
-    """Removes this stage's files from an earlier run into the same directory (local or a
-    bucket), so the manifest never lists stale shards. Other files are left alone."""
-    if not storage.isdir(output_dir):
-        return
-    for name in storage.listdir(output_dir):
-        if name.startswith((DOCS_PREFIX + "-", "data_report.")) or name in (
-            "manifest.json",
-            "_stats.json",
-            REJECTS_DIR,
-            "plots",
-        ):
-            storage.remove(storage.join(output_dir, name))
-
-
 def write_bytes(path: str, data: bytes) -> None:
     """Writes a small file to a local or remote (gs://...) path."""
     storage.write_bytes(path, data)
@@ -192,7 +186,28 @@ def read_text(path: str) -> str:
 
 
 def read_manifest(output_dir: str) -> dict[str, Any]:
-    return json.loads(read_text(f"{output_dir}/manifest.json"))
+    """The manifest of a finished, reconciled run; DataError (one line) for a directory that has
+    none, a manifest that is not valid JSON, one that lists a path outside the directory, or one
+    that says the run did not reconcile (an output of an older version that wrote it anyway)."""
+    path = f"{output_dir.rstrip('/')}/{MANIFEST}"
+    if not storage.exists(path):
+        raise DataError(f"{output_dir} has no {MANIFEST}: not a finished `lm data run` output")
+    try:
+        manifest = jsonio.loads(storage.read_bytes(path))
+    except jsonio.JSONError as e:
+        raise DataError(f"{path}: {e}") from None
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    names = [n for kind in ("documents", "rejects") for n in (shards or {}).get(kind, [])]
+    if not isinstance(shards, dict) or not all(
+        isinstance(n, str) and _SHARD_NAME.match(n) for n in names
+    ):
+        raise DataError(f"{path} is not an `lm data run` manifest (bad or missing shard list)")
+    if manifest.get("reconciled") is not True:
+        raise DataError(
+            f"{output_dir}: this curation run did not reconcile (manifest says reconciled: "
+            f"{manifest.get('reconciled')}), so none of it is read; run `lm data run` again"
+        )
+    return manifest
 
 
 def read_documents(output_dir: str) -> Iterator[dict[str, Any]]:
@@ -207,7 +222,7 @@ def read_documents(output_dir: str) -> Iterator[dict[str, Any]]:
             n = reader.num_records()
             for start in range(0, n, 1024):
                 for raw in reader.read(list(range(start, min(start + 1024, n)))):
-                    yield json.loads(raw)
+                    yield jsonio.loads(raw)
         finally:
             reader.close()
 
@@ -219,4 +234,4 @@ def read_rejects(output_dir: str) -> Iterator[dict[str, Any]]:
         with storage.path(f"{output_dir}/{name}").open("rb") as f:
             for line in f:
                 if line.strip():
-                    yield json.loads(line)
+                    yield jsonio.loads(line)

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+from lm import storage
+
 # A deliberately small default; real runs point `blocklist.file` at a maintained list.
 DEFAULT_BLOCKLIST = (
     "porn", "porno", "pornhub", "hardcore sex", "nude pics", "sex cam", "camgirl",
@@ -25,9 +27,9 @@ DEFAULT_BLOCKLIST = (
 def load_word_list(inline: str, path: str, default: Iterable[str] = ()) -> list[str]:
     """Comma-separated `inline` words plus one-per-line `path`; `default` when both are empty."""
     words = [w.strip().lower() for w in inline.split(",") if w.strip()]
-    if path:
-        with open(path, encoding="utf-8") as f:
-            words += [s.strip().lower() for s in f if s.strip() and not s.startswith("#")]
+    if path:  # storage.read_text: local or gs://; refuses a FIFO or device (it would block)
+        lines = storage.read_text(path).splitlines()
+        words += [s.strip().lower() for s in lines if s.strip() and not s.startswith("#")]
     return words or [w.lower() for w in default]
 
 

@@ -12,22 +12,34 @@ line, a wrong field type, a truncated `.gz`, an unreadable file or directory, a 
 Each reader also counts what it read (lines, records, bytes) into a read log, apart from the
 chain, and ids are made unique per input file; the pipeline reconciles those ids with what was
 written (report.py), so a loss anywhere after the read fails the run.
+
+Ids are unambiguous whatever the data holds: a document id is `<type>/<input>` (one document
+per file) or `<type>/<input>:<key>`, where `<input>` is the input's name (unique per run; a file
+name may itself hold a `:`) and `<key>` never holds a `:` - the record number, or a record's own
+id (an `id` field, a WARC record id) with `%` and `:` percent-escaped (`_record_key`). So the
+last `:` splits every id into input and key, two inputs can never produce the same id (a record
+whose id is `b.jsonl:1` inside `a.jsonl` cannot pose as a record of `a.jsonl:b.jsonl`), and a
+repeat inside one input is renamed (`_make_unique`).
+
+Only regular files are opened: a FIFO, socket or device among the inputs (opening a FIFO
+blocks forever; /dev/zero never ends) is a counted reject `not_regular_file:<kind>`, decided by
+its type before it is opened (`_type_problem`), and checked again on the open descriptor.
 """
 
 from __future__ import annotations
 
 import errno
 import gzip
-import json
 import os
 import posixpath
+import stat
 import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import xxhash
 
-from lm import storage
+from lm import jsonio, storage
 from lm.curate.clean import field_string, printable_name, text_problem
 from lm.curate.code_filters import PROSE_EXTENSIONS, code_language
 
@@ -86,10 +98,49 @@ def _remote(path: str | bytes) -> bool:
     return isinstance(path, str) and storage.is_remote(path)
 
 
+_BOM = b"\xef\xbb\xbf"
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "fifo"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "char_device"),
+    (stat.S_ISBLK, "block_device"),
+    (stat.S_ISDIR, "directory"),
+)
+
+
+def _kind_of(mode: int) -> str:
+    return next((name for test, name in _FILE_KINDS if test(mode)), "special")
+
+
+def _type_problem(path: str | bytes) -> str | None:
+    """`not_regular_file:<kind>` for a local input that is not a regular file (checked with
+    stat, never opened), else None. A path stat cannot follow (a symlink loop, no permission) is
+    left to the reader, which reports its errno as before. Objects in a bucket are regular."""
+    if _remote(path) or (isinstance(path, str) and storage.is_regular_file(path)):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"not_regular_file:{_kind_of(mode)}"
+
+
 def _open(path: str | bytes):
     """A binary file object for a local (str, or bytes for a name that is not UTF-8) or remote
-    path."""
-    return storage.path(path).open("rb") if _remote(path) else open(path, "rb")
+    path. A local path is opened non-blocking and its descriptor checked: a file swapped for a
+    FIFO after `_type_problem` looked at it is refused, not waited on."""
+    if _remote(path):
+        return storage.path(path).open("rb")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _Unreadable(f"not_regular_file:{_kind_of(mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _size(path: str | bytes) -> int:
@@ -119,8 +170,15 @@ def read_file(path: str, rel: str, src: dict[str, Any], log: dict | None = None)
     yield doc
 
 
+def _record_key(record_id: str) -> str:
+    """A record's own id as the key part of a document id: `%` and `:` percent-escaped, so the
+    key holds no `:` and two different record ids stay different (see the module docstring)."""
+    return record_id.replace("%", "%25").replace(":", "%3A")
+
+
 def _container_doc(src, rel, index, text, url, record_id, raw=None):
-    doc_id = f"{src['type']}/{rel}:{record_id}" if record_id else f"{src['type']}/{rel}:{index:09d}"
+    key = _record_key(record_id) if record_id else f"{index:09d}"
+    doc_id = f"{src['type']}/{rel}:{key}"
     doc = _base(doc_id, src["type"], rel, "", "prose" if src["kind"] == "auto" else src["kind"])
     doc.update(url=url or "", web=bool(url), text=text, raw=raw)
     doc["bytes_in"] = len(raw) if raw is not None else len(text.encode("utf-8", "replace"))
@@ -147,7 +205,9 @@ def _record_doc(src, rel, index, text, rid, url, size) -> dict[str, Any]:
 
 
 def read_jsonl(path: str, rel: str, src: dict[str, Any], log: dict | None = None) -> Iterator[dict]:
-    """One document per line; bad JSON, missing or mistyped fields, bad UTF-8 become rejects."""
+    """One document per line; bad JSON (malformed, or nested deeper than `lm.jsonio` allows),
+    missing or mistyped fields, bad UTF-8 become rejects. A UTF-8 byte order mark starting a
+    line (an editor's, or files concatenated) is dropped, as `utf-8-sig` would."""
     log = log if log is not None else new_read_log(rel)
     with _open(path) as raw_f:
         f = gzip.GzipFile(fileobj=raw_f, mode="rb") if _ext(path) == "gz" else raw_f
@@ -156,27 +216,36 @@ def read_jsonl(path: str, rel: str, src: dict[str, Any], log: dict | None = None
                 return
             log["lines"] += 1
             log["bytes"] += len(line)
+            line = line.removeprefix(_BOM)
             if not line.strip():
                 log["blank_lines"] += 1
                 continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
+            record, reason, detail = _parse_line(line)
+            if record is None or src["text_field"] not in record:
                 doc = _container_doc(src, rel, i, "", "", "")
-                doc.update(reject=("decode", "invalid_utf8"), bytes_in=len(line))
-                yield doc
-                continue
-            except (ValueError, RecursionError):
-                record = None
-            if not isinstance(record, dict) or src["text_field"] not in record:
-                doc = _container_doc(src, rel, i, "", "", "")
-                doc.update(reject=("decode", "invalid_record"), bytes_in=len(line))
+                doc.update(reject=("decode", reason or "invalid_record"), bytes_in=len(line))
+                doc["detail"] = detail or f"no {src['text_field']!r} field"
                 yield doc
                 continue
             yield _record_doc(
                 src, rel, i, record[src["text_field"]], record.get(src["id_field"]),
                 record.get(src["url_field"]), len(line),
             )  # fmt: skip
+
+
+def _parse_line(line: bytes) -> tuple[dict | None, str, str]:
+    """(the JSON object of a line, "", "") or (None, reject reason, one-line detail)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, "invalid_utf8", f"invalid UTF-8 at byte {e.start}"
+    try:
+        record = jsonio.loads(text)
+    except jsonio.JSONError as e:
+        return None, "invalid_record", str(e)
+    if not isinstance(record, dict):
+        return None, "invalid_record", f"a JSON {type(record).__name__}, not an object"
+    return record, "", ""
 
 
 def read_parquet(path: str, rel: str, src: dict[str, Any], log: dict | None = None) -> Iterator:
@@ -312,6 +381,8 @@ def read_input(item: tuple, src: dict[str, Any], log: dict | None = None) -> Ite
     try:
         if len(item) > 2:  # expand_inputs found it but cannot read it (a loop, a locked dir)
             raise _Unreadable(item[2])
+        if kind != "tfds" and (problem := _type_problem(path)):
+            raise _Unreadable(problem)  # a FIFO, socket or device: never opened
         if kind == "tfds":
             docs = read_tfds(path, src, log)
         elif kind in readers:
