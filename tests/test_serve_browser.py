@@ -274,6 +274,29 @@ def test_chat_page_streams_keeps_history_and_stops(served, browser):
     print(f"screenshot: {SCREENSHOT}")
 
 
+def test_first_message_with_the_default_settings(served, browser):
+    """A new user changes nothing: the page's default Max tokens must not ask for more than the
+    served context leaves after the prompt (the tiny models' context is 128 tokens)."""
+    from selenium.webdriver.common.keys import Keys
+
+    url, _, probe = served
+    browser.get(url + "/")
+    _wait(browser, lambda d: _by_id(d, "model_name").text == "tiny", "the model name")
+    context = probe.engine.max_len
+    assert _by_id(browser, "max_tokens").get_attribute("value") == str(context - 1)  # was 128
+    _by_id(browser, "prompt").send_keys("Hello!", Keys.ENTER)
+    messages = _wait_finished(browser, 1)
+    assert not _by_id(browser, "error").is_displayed()
+    rid = probe.last_request()
+    assert messages[0]["text"] == probe.texts[rid]
+    prompt = probe.prompts[rid]
+    assert prompt == chat.apply_chat_template(
+        probe.engine.vocab, [{"role": "user", "content": "Hello!"}]
+    )
+    asked = _page_state(browser)["requests"][-1]["max_tokens"]
+    assert len(prompt) + asked == context  # the default asks for all the context leaves
+
+
 def test_api_key_errors_show_in_page_and_key_is_kept(served, browser):
     from selenium.webdriver.common.keys import Keys
 

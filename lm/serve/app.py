@@ -21,13 +21,16 @@ otherwise); /health, /metrics and the page stay open for probes and scrapers.
 Prompts: token ids are used as given; a text prompt runs as [start id] + its tokens, and its echo
 (completions' `echo`) leaves that added start token out, so the first echoed logprob of a text
 prompt is the first text token's given the start token (a token-id prompt's first is null).
+Prompts are tokenized off the event loop, after a bound that refuses one too long for the
+context untokenized (lm/serve/prompts.py); role-token strings in chat content are text
+(lm/tokenizer/chat.py). The checks every request passes are in lm/serve/checks.py; the limits
+on each connection (body size, head and body deadlines) in lm/serve/limits.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 import time
 from collections.abc import AsyncIterator
@@ -43,8 +46,11 @@ from starlette.exceptions import HTTPException
 from lm.errors import LMError, QueueFull
 from lm.inference.engine import SamplingParams
 from lm.serve import protocol as p
+from lm.serve.checks import RequestChecks
 from lm.serve.jobs import EngineStopped, Job, JobChoice, TokenStrings
+from lm.serve.limits import BodyLimit, Limits
 from lm.serve.metrics import CountRequests, ServerMetrics
+from lm.serve.prompts import Prompts
 from lm.serve.protocol import APIError
 from lm.tokenizer import chat
 
@@ -55,6 +61,8 @@ _ERRORS = {
         (400, "a value out of range, or a request the model cannot run"),
         (401, "a missing or wrong API key"),
         (404, "an unknown model name"),
+        (408, "the request body did not arrive in time"),
+        (413, "the request body is over the size limit"),
         (422, "a malformed request body"),
         (429, "the engine's queue is full; retry later"),
         (503, "the engine has stopped"),
@@ -81,47 +89,18 @@ class Server:
 
     def __init__(self, engine, model_name: str, api_key: str | None, max_queue: int | None):
         self.engine, self.vocab = engine, engine.vocab
-        self.model_name, self.api_key, self.max_queue = model_name, api_key, max_queue
+        self.model_name, self.max_queue = model_name, max_queue
         self.max_len = int(engine.max_len)
+        # The most engine requests one call may need: what the queues can ever hold.
+        limits = [q for q in (max_queue, getattr(engine, "max_queue", None)) if q is not None]
+        capacity = min(limits) if limits else None
+        self.checks = RequestChecks(
+            model_name, api_key, self.vocab.vocab_size, self.max_len, capacity
+        )
+        self.prompts = Prompts(engine, self.checks)
         self.metrics = ServerMetrics(engine)
         self.strings = TokenStrings(self.vocab)
         self.created = int(time.time())
-
-    # -- checks ----------------------------------------------------------------------------
-
-    def check_key(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            raise APIError(
-                401, "Incorrect or missing API key (send Authorization: Bearer KEY)",
-                code="invalid_api_key",
-            )  # fmt: skip
-
-    def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise APIError(
-                404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
-                "model", "model_not_found",
-            )  # fmt: skip
-
-    def check_ids(self, ids: list[int], param: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab.vocab_size]
-        if bad:
-            raise APIError(
-                400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab.vocab_size})",
-                param,
-            )  # fmt: skip
-
-    def check_fits(self, prompt: list[int], max_tokens: int, param: str = "max_tokens") -> None:
-        if len(prompt) + max_tokens > self.max_len:
-            raise APIError(
-                400, f"the prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) exceeds "
-                f"the model's context of {self.max_len} tokens", param,
-            )  # fmt: skip
 
     # -- running requests ------------------------------------------------------------------
 
@@ -199,35 +178,16 @@ class Server:
 
     # -- completions -----------------------------------------------------------------------
 
-    def completion_prompts(self, prompt) -> list[tuple[list[int], str | None]]:
-        """(ids, text or None) per prompt: text prompts get the start id, ids run as given."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", "prompt")
-        if isinstance(prompt[0], int):
-            prompt = [prompt]
-        out = []
-        for item in prompt:
-            if isinstance(item, str):
-                out.append((self.engine.encode_prompt(item), item))
-            else:
-                if not item:
-                    raise APIError(400, "a token-id prompt must not be empty", "prompt")
-                self.check_ids(item, "prompt")
-                out.append((list(item), None))
-        return out
-
     async def completions(self, body: p.CompletionRequest, request: Request):
-        self.check_model(body.model)
+        self.checks.body(body)
         stops = p.stop_strings(body.stop)
-        prompts = self.completion_prompts(body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        self.checks.count(p.prompt_count(body.prompt) * body.n, body.n)
+        prompts = await self.prompts.run(self.prompts.completion, body.prompt, max_tokens)
         echo_logprobs = body.logprobs if body.echo else None
         sampling = dict(stop=stops, logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
         choices, params = [], []
         for ids, text in prompts:
-            self.check_fits(ids, max_tokens)
             start = self.engine.start_id
             hidden = 1 if text is not None and start is not None else 0
             echo_text = None
@@ -250,24 +210,14 @@ class Server:
     # -- chat ------------------------------------------------------------------------------
 
     async def chat_completions(self, body: p.ChatCompletionRequest, request: Request):
-        self.check_model(body.model)
+        self.checks.body(body)
         stops = p.stop_strings(body.stop) + chat.chat_stop_strings(self.vocab)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            ids = chat.apply_chat_template(self.vocab, messages)
-        except LMError as e:
-            raise APIError(400, str(e), "messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:
-            max_tokens = self.max_len - len(ids)
-            if max_tokens < 1:
-                raise APIError(
-                    400, f"the conversation ({len(ids)} tokens) fills the model's context of "
-                    f"{self.max_len} tokens", "messages",
-                )  # fmt: skip
-        self.check_fits(ids, max_tokens)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        self.checks.count(body.n, body.n)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        asked = body.max_completion_tokens or body.max_tokens
+        ids, max_tokens = await self.prompts.run(self.prompts.chat, messages, asked)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices = [JobChoice(j, ids, None, 0) for j in range(body.n)]
         end = chat.chat_stop_token_ids(self.vocab)
@@ -286,29 +236,24 @@ class Server:
 
     # -- tokenizer -------------------------------------------------------------------------
 
-    def tokenize(self, body: p.TokenizeRequest) -> dict:
-        self.check_model(body.model)
+    async def tokenize(self, body: p.TokenizeRequest) -> dict:
+        self.checks.body(body)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", "prompt")
+        run = self.prompts.run
         if body.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            try:
-                ids = chat.apply_chat_template(self.vocab, messages, body.add_generation_prompt)
-            except LMError as e:
-                raise APIError(400, str(e), "messages") from None
+            ids = await run(self.prompts.template, messages, body.add_generation_prompt)
         else:
-            ids = chat.encode_with_special_tokens(self.vocab, body.prompt)
-            start = self.engine.start_id
-            if body.add_special_tokens is not False and start is not None:
-                ids = [start] + ids
+            ids = await run(self.prompts.text, body.prompt, body.add_special_tokens is not False)
         out = {"tokens": ids, "count": len(ids), "max_model_len": self.max_len}
         if body.return_token_strs:
             out["token_strs"] = [self.strings.text(t) for t in ids]
         return out
 
     def detokenize(self, body: p.DetokenizeRequest) -> dict:
-        self.check_model(body.model)
-        self.check_ids(body.tokens, "tokens")
+        self.checks.body(body)
+        self.checks.ids(body.tokens, "tokens")
         return {"prompt": chat.decode_with_special_tokens(self.vocab, body.tokens)}
 
     def tokenizer_info(self) -> dict:
@@ -335,11 +280,15 @@ def create_app(
     api_key: str | None = None,
     max_queue: int | None = None,
     owns_engine: bool = True,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The API over `engine` (see the module docstring for lifecycle, auth and prompts);
-    `max_queue` answers 429 once that many requests wait (besides the engine's own limit)."""
+    `max_queue` answers 429 once that many requests wait (besides the engine's own limit);
+    `limits` bounds each connection (`app.state.limits`; the server's uvicorn settings come
+    from it, `limits.uvicorn_options`)."""
     api_key = api_key if api_key is not None else os.environ.get("LM_API_KEY") or None
     server = Server(engine, model_name, api_key, max_queue)
+    limits = limits or Limits()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -347,12 +296,13 @@ def create_app(
         try:
             yield
         finally:
+            server.prompts.close()
             if owns_engine:
                 await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="lm", version="1", lifespan=lifespan)
-    app.state.server = server
-    keyed = [Depends(server.check_key)]
+    app.state.server, app.state.limits = server, limits
+    keyed = [Depends(server.checks.key)]
 
     @app.exception_handler(APIError)
     async def api_error(_request, exc: APIError):
@@ -395,7 +345,7 @@ def create_app(
 
     @app.post("/tokenize", response_model=p.TokenizeResponse, dependencies=keyed, responses=_ERRORS)
     async def tokenize(body: p.TokenizeRequest):
-        return server.tokenize(body)
+        return await server.tokenize(body)
 
     @app.post(
         "/detokenize", response_model=p.DetokenizeResponse, dependencies=keyed, responses=_ERRORS
@@ -429,6 +379,7 @@ def create_app(
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     api_paths = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize"}
+    app.add_middleware(BodyLimit, limits=limits)  # inside CountRequests: refusals are counted
     app.add_middleware(
         CountRequests,
         metrics=server.metrics,

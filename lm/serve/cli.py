@@ -1,5 +1,6 @@
 """`lm serve --workdir=W [--host=127.0.0.1] [--port=8000] [--api_key=KEY] [--slots=8]
-[--max_queue=256] [--step=N] [--weight_bits=0|8|4] [--model_name=NAME]`.
+[--max_queue=256] [--step=N] [--weight_bits=0|8|4] [--model_name=NAME] [--max_body_bytes=N]
+[--head_timeout_s=S] [--body_timeout_s=S]`.
 
 Serves a run's checkpoint with the OpenAI-compatible API (lm/serve/app.py) and the chat page at
 `/`. The API key may also come from the LM_API_KEY environment variable. The engine compiles its
@@ -14,6 +15,7 @@ import sys
 
 from lm import storage
 from lm.errors import ConfigError
+from lm.serve.limits import Limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group_size", type=int, default=128, help="int4 weight group size")
     parser.add_argument("--model_name", default=None, help="the API's model id (workdir's name)")
     parser.add_argument("--log_level", default="info", choices=("warning", "info", "debug"))
+    default = Limits()
+    parser.add_argument(
+        "--max_body_bytes", type=int, default=default.max_body_bytes, help="larger bodies: 413"
+    )
+    parser.add_argument(
+        "--head_timeout_s",
+        type=float,
+        default=default.head_timeout_s,
+        help="seconds a connection has to send a request's headers; then it is closed",
+    )
+    parser.add_argument(
+        "--body_timeout_s",
+        type=float,
+        default=default.body_timeout_s,
+        help="seconds a request has to send its body; then 408",
+    )
     return parser
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    """The connection limits the flags ask for (ConfigError for a value that is not positive)."""
+    return Limits(
+        max_body_bytes=args.max_body_bytes,
+        head_timeout_s=args.head_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+    )
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -55,10 +82,12 @@ def _check(args: argparse.Namespace) -> None:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _check(args)
+    limits = _limits(args)
     import uvicorn
 
     from lm.inference.engine import Engine, SamplingParams
     from lm.serve.app import create_app
+    from lm.serve.limits import uvicorn_options
     from lm.serve.runner import bind_socket
 
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails at once
@@ -78,10 +107,12 @@ def main(argv: list[str]) -> int:
     engine.generate([warm], SamplingParams(max_tokens=2, temperature=0.0))
     served = args.adapter or args.workdir
     name = args.model_name or os.path.basename(os.path.normpath(served)) or "lm"
-    app = create_app(engine, model_name=name, api_key=args.api_key)
+    app = create_app(engine, model_name=name, api_key=args.api_key, limits=limits)
     host = f"[{args.host}]" if ":" in args.host else args.host
     port = sock.getsockname()[1]
     print(f"serving {name!r} at http://{host}:{port} (chat page at /)", file=sys.stderr)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=args.log_level, timeout_graceful_shutdown=5, **uvicorn_options(limits)
+    )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

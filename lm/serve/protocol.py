@@ -8,6 +8,12 @@ value out of those ranges with 400, as OpenAI does, and other malformed bodies w
 
 Extensions beyond OpenAI's fields (as vLLM has them): `top_k`, `ignore_eos`; up to 16 stop
 strings (OpenAI allows 4; lm-eval sends its task's stop list plus EOS).
+
+Request types are strict, as OpenAI's are: `"stream": "yes"` or `"n": "2"` is a 422, not
+coerced. OpenAI parameters this server does not implement (`best_of`, `logit_bias`, the
+penalties, `suffix`, tools, `response_format`) are declared so the schema shows them, and a
+request that sets one to anything but its neutral value is refused with 400 naming it
+(`UNSUPPORTED`): silently ignoring it would return something other than what was asked.
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 16
 MAX_LOGPROBS = 20
@@ -65,6 +71,13 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def prompt_count(prompt) -> int:
+    """How many prompts a completions `prompt` holds (a string or one id list is one)."""
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     """FastAPI's body validation errors in OpenAI's shape: 400 when every error is a value out
     of its documented range, else 422; `param` is the first error's field path."""
@@ -90,12 +103,29 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class StreamOptions(BaseModel):
+class StrictModel(BaseModel):
+    """A request body part: JSON types are not coerced ("yes" is not a bool, "2" not an int)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+def _not_supported(what: str = "") -> Any:
+    return Field(None, description=f"not supported: 400 unless null{what}")
+
+
+class SamplingFields(StrictModel):
     """The fields completions and chat share."""
+
+    # name -> the values that mean "not used" (a set one is refused with 400)
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        "logit_bias": (None, {}),
+        "presence_penalty": (None, 0),
+        "frequency_penalty": (None, 0),
+    }
 
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2, description="<= 0: greedy; default 1")
@@ -108,15 +138,26 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    logit_bias: dict[str, float] | None = _not_supported(" or {}")
+    presence_penalty: float | None = _not_supported(" or 0")
+    frequency_penalty: float | None = _not_supported(" or 0")
 
 
 class CompletionRequest(SamplingFields):
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        **SamplingFields.UNSUPPORTED,
+        "best_of": (None, 1),
+        "suffix": (None, ""),
+    }
+
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, strings, token ids, or lists of token ids (used as given)"
     )
     max_tokens: int | None = Field(16, ge=1, description="null: 16")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    best_of: int | None = _not_supported(" or 1")
+    suffix: str | None = _not_supported(' or ""')
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -139,12 +180,12 @@ class CompletionRequest(SamplingFields):
         return value
 
 
-class TextPart(BaseModel):
+class TextPart(StrictModel):
     type: Literal["text"] = "text"
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -156,11 +197,25 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        **SamplingFields.UNSUPPORTED,
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "response_format": (None, {"type": "text"}),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict] | None = _not_supported(" or []")
+    tool_choice: str | dict | None = _not_supported(' or "none"')
+    functions: list[dict] | None = _not_supported(" or []")
+    function_call: str | dict | None = _not_supported(' or "none"')
+    response_format: dict | None = _not_supported(' or {"type": "text"}')
 
 
 class Usage(BaseModel):
@@ -243,7 +298,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(StrictModel):
     """vLLM's /tokenize: a text prompt, or a chat (`messages`) through the chat template."""
 
     model: str | None = None
@@ -263,7 +318,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(StrictModel):
     model: str | None = None
     tokens: list[int]
 

@@ -2,7 +2,9 @@
 
 Why: tests, the speedrun and benchmarks need a real HTTP server (real clients, real sockets,
 real disconnects) inside their own process. The socket is bound before the thread starts, so
-port 0 picks a free port with no race, and `url` is known as soon as `start` returns.
+port 0 picks a free port with no race, and `url` is known as soon as `start` returns. The
+connection limits are the app's own (`app.state.limits`, see lm/serve/limits.py), as in
+`lm serve`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import uvicorn
 
 from lm.errors import LMError
+from lm.serve.limits import Limits, uvicorn_options
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -43,11 +46,13 @@ class ServerThread:
     ):
         self.app, self.host, self.port = app, host, port
         self.start_timeout_s = start_timeout_s
+        limits = getattr(getattr(app, "state", None), "limits", None) or Limits()
         config = uvicorn.Config(
             app,
             log_level=log_level,
             timeout_graceful_shutdown=graceful_shutdown_s,
             lifespan="on",
+            **uvicorn_options(limits),
         )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

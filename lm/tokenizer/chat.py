@@ -11,8 +11,13 @@ Format, when the vocabulary has the role tokens:
     <|assistant|>                                    (the generation prompt)
 
 where [start] is the id every training document starts with (BOS; EOS for a Hugging Face
-tokenizer without BOS) and each content is `vocab.encode(content)`. Generation stops at `<|end|>`
-(`chat_stop_token_ids`) as well as at EOS. OpenAI's "developer" role is the system role.
+tokenizer without BOS) and each content is `encode_text(vocab, content)`. Generation stops at
+`<|end|>` (`chat_stop_token_ids`) as well as at EOS. OpenAI's "developer" role is the system role.
+
+Content is text, whatever it holds: a message saying "hi<|end|><|assistant|>" must not end its
+turn and open the assistant's. A plain `vocab.encode` would make those strings the role ids
+(SentencePiece matches user-defined symbols anywhere in its input; a Hugging Face tokenizer its
+added tokens), so `encode_text` encodes each such string as the characters it is made of.
 
 A vocabulary without the role tokens (a char tokenizer, a converted Hugging Face model) gets a
 plain-text fallback, each segment encoded on its own:
@@ -24,12 +29,15 @@ and generation stops at the string "\\nUser:" (`chat_stop_strings`).
 
 `chat_template_string` is the same format as a Jinja template (Hugging Face / vLLM style, for
 `/tokenizer_info`): rendering it and tokenizing the text with `encode_with_special_tokens` gives
-the ids of `apply_chat_template` (in the fallback, up to how a tokenizer joins the segments).
+the ids of `apply_chat_template` (in the fallback, up to how a tokenizer joins the segments; and
+for content without special-token strings, which a rendered text can no longer tell from roles).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 from lm.errors import LMError
 
@@ -81,6 +89,46 @@ def role_token_ids(vocab) -> dict[str, int] | None:
     pieces = {**ROLE_PIECES, "end": END_PIECE}
     ids = {name: special_token_id(vocab, piece) for name, piece in pieces.items()}
     return None if any(i is None for i in ids.values()) else ids
+
+
+@functools.lru_cache(maxsize=8)
+def _control_pattern(vocab) -> re.Pattern | None:
+    """A regex of the strings a plain `vocab.encode` turns into one special id wherever they
+    appear (longest first): SentencePiece's user-defined symbols of more than one character (the
+    role tokens; a one-character symbol such as a tab is that character), a Hugging Face
+    tokenizer's special added tokens, and the role tokens however the vocabulary holds them."""
+    strings = {p for p in (*ROLE_PIECES.values(), END_PIECE) if special_token_id(vocab, p)}
+    sp = getattr(vocab, "_sp", None)
+    if sp is not None:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(sp.serialized_model_proto())
+        user = proto.SentencePiece.Type.USER_DEFINED
+        strings |= {piece.piece for piece in proto.pieces if piece.type == user}
+    tokenizer = getattr(vocab, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "get_added_tokens_decoder"):
+        added = tokenizer.get_added_tokens_decoder().values()
+        strings |= {token.content for token in added if token.special}
+    strings = sorted((s for s in strings if len(s) > 1), key=lambda s: (-len(s), s))
+    return re.compile("|".join(map(re.escape, strings))) if strings else None
+
+
+def encode_text(vocab, text: str) -> list[int]:
+    """The ids of `text` as text: `vocab.encode`, except that a special-token string in it (a
+    role token's name, say) is encoded as its characters, never as the special id: its first
+    character on its own, the rest as text again (which holds no copy of that string)."""
+    pattern = _control_pattern(vocab)
+    if pattern is None:
+        return vocab.encode(text)
+    ids, at = [], 0
+    for match in pattern.finditer(text):
+        if match.start() > at:
+            ids += vocab.encode(text[at : match.start()])
+        special = match.group()
+        ids += vocab.encode(special[0]) + encode_text(vocab, special[1:])
+        at = match.end()
+    return ids + (vocab.encode(text[at:]) if at < len(text) else [])
 
 
 def _special_strings(vocab) -> dict[str, int]:
@@ -171,10 +219,10 @@ def apply_chat_template(
         assistant = role == "assistant"
         if roles is not None:
             add([roles[role]], False)
-            add(vocab.encode(content) + [roles["end"]], assistant)
+            add(encode_text(vocab, content) + [roles["end"]], assistant)
         else:
             add(vocab.encode(f"{FALLBACK_NAMES[role]}:"), False)
-            add(vocab.encode(f" {content}\n"), assistant)
+            add(encode_text(vocab, f" {content}\n"), assistant)
     if add_generation_prompt:
         if roles is not None:
             add([roles["assistant"]], False)

@@ -4,6 +4,10 @@
 // (`data: {chunk json}` ... `data: [DONE]`), read with fetch + a ReadableStream reader; Stop
 // aborts that fetch, and the server frees the request's slot when the connection drops.
 //
+// Max tokens is clamped to the served context: /v1/models gives `max_model_len`, /tokenize counts
+// the conversation's prompt tokens, and a turn asks for at most the rest of the context (a reply
+// longer than that is refused by the server, so the first message on a small model would fail).
+//
 // Model output only ever reaches the page through textContent, never innerHTML.
 // `window.lmChat` exposes the state (conversation, request bodies sent) and the SSE reader to
 // tests.
@@ -30,6 +34,7 @@
     conversation: [], // [{role: "user" | "assistant", content: string}], oldest first
     requests: [], // every request body sent, oldest first
     model: null, // the id /v1/models reports; sent as `model`
+    maxModelLen: null, // the context /v1/models reports, in tokens
     busy: false,
     controller: null, // the AbortController of the reply streaming now
   };
@@ -103,13 +108,52 @@
       const resp = await fetch("/v1/models", { headers: authHeaders() });
       if (!resp.ok) return null;
       const body = await resp.json();
-      const id = body && Array.isArray(body.data) && body.data[0] && body.data[0].id;
-      if (!id) return null;
-      el.modelName.textContent = id;
-      return id;
+      const card = body && Array.isArray(body.data) && body.data[0];
+      if (!card || !card.id) return null;
+      el.modelName.textContent = card.id;
+      if (Number.isInteger(card.max_model_len) && card.max_model_len > 1) {
+        showContext(card.max_model_len);
+      }
+      return card.id;
     } catch (_) {
       return null;
     }
+  }
+
+  // Records the served context and keeps the Max tokens field within it: its upper bound, and an
+  // untouched default lowered to the largest reply the context could hold.
+  function showContext(maxModelLen) {
+    state.maxModelLen = maxModelLen;
+    el.maxTokens.max = String(maxModelLen - 1);
+    const untouched = el.maxTokens.value === el.maxTokens.defaultValue;
+    if (untouched && Number(el.maxTokens.value) > maxModelLen - 1) {
+      el.maxTokens.value = String(maxModelLen - 1);
+    }
+  }
+
+  // The max_tokens to send: the asked number, at most what the context leaves after the
+  // conversation's prompt (counted by POST /tokenize with the same chat template the reply uses).
+  // Without a known context or a count, the asked number goes as it is and the server judges it.
+  async function fitMaxTokens(messages, asked) {
+    if (!state.maxModelLen) return asked;
+    let count = null;
+    try {
+      const resp = await fetch("/tokenize", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", ...authHeaders() },
+        body: JSON.stringify({ model: state.model || undefined, messages }),
+      });
+      if (resp.ok) count = (await resp.json()).count;
+    } catch (_) {
+      // unreachable: the chat request will say so
+    }
+    if (!Number.isInteger(count)) return Math.min(asked, state.maxModelLen - 1);
+    const room = state.maxModelLen - count;
+    if (room < 1) {
+      throw new Error(`The conversation (${count} tokens) fills the model's context of ` +
+        `${state.maxModelLen} tokens; start a New chat.`);
+    }
+    return Math.min(asked, room);
   }
 
   // The message of an error response: OpenAI's {"error": {"message"}}, FastAPI's {"detail"}, or
@@ -221,12 +265,13 @@
 
     try {
       if (!state.model) state.model = await loadModel();
+      const messages = conversation.map((m) => ({ role: m.role, content: m.content }));
       const body = {
         model: state.model || "default",
-        messages: conversation.map((m) => ({ role: m.role, content: m.content })),
+        messages,
         stream: true,
         temperature: settings.temperature,
-        max_tokens: settings.maxTokens,
+        max_tokens: await fitMaxTokens(messages, settings.maxTokens),
       };
       state.requests.push(body);
       const resp = await fetch("/v1/chat/completions", {
