@@ -347,3 +347,61 @@ def test_registered_as_the_lm_eval_model_lm(tiny_workdir):
     assert model.scorer.batch_rows == 8  # rows split evenly over the 8 devices
     with pytest.raises(FileNotFoundError, match="no checkpoint 7"):
         LMEvalModel.create_from_arg_string(f"workdir={tiny_workdir},step=7")
+
+
+class _FakeTerminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        self.parts = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.parts.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_lm_eval_shows_progress_for_each_kind_of_request(lm, monkeypatch):
+    # Issue 20 item 4: `lm eval` showed nothing until the table. Each request kind is a stage
+    # with counts, drawn on a terminal's stderr and timed (lm.stages.timings()).
+    from lm import stages
+
+    updates = []
+    update = stages.Stage.update
+    monkeypatch.setattr(
+        stages.Stage,
+        "update",
+        lambda self, done, total=None: (
+            updates.append((self.name, done, total or self.total)) or update(self, done, total)
+        ),
+    )
+    terminal = _FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setitem(stages.stage.__wrapped__.__kwdefaults__, "after", 0.0)  # draw at once
+    seen = len(stages.timings())
+    run_eval(lm, "lm_python", limit=3, bootstrap_iters=0)
+    names = [name for name, _ in stages.timings()[seen:]]
+    kinds = {
+        "evaluating lm_py_funcname (loglikelihood)",
+        "evaluating lm_py_brackets, lm_py_line (generate_until)",
+        "evaluating lm_py_perplexity (rolling loglikelihood)",
+    }
+    assert kinds <= set(names) and "preparing the requests (lm-eval)" in names
+    final = {}
+    for name, done, total in updates:
+        final[name] = (done, total)
+    # 3 documents of each of the two generation tasks, all 6 generated.
+    assert final["evaluating lm_py_brackets, lm_py_line (generate_until)"] == (6, 6)
+    done, total = final["evaluating lm_py_funcname (loglikelihood)"]
+    assert done == total and total >= 3 * 2  # 3 documents, two or more choices each
+    done, total = final["evaluating lm_py_perplexity (rolling loglikelihood)"]
+    assert done == total >= 3  # one or more windows per document
+    shown = "".join(terminal.parts)
+    assert "\revaluating lm_py_brackets, lm_py_line (generate_until) 0/6" in shown.replace(
+        "\x1b[2K", ""
+    )
+    assert "evaluating lm_py_brackets, lm_py_line (generate_until): " in shown

@@ -10,6 +10,8 @@ HF_DATASETS_OFFLINE=0 is set. When every requested name is one of ours the built
 
 Writes W/eval/results.json (lm-eval's results, JSON-safe, with the step and the settings),
 W/eval/results.md (the table) and an "## Evaluation" section in W/report.md; prints the table.
+Each phase (finding and loading tasks, restoring the checkpoint, scoring and generating, with
+counts) is an `lm.stages` stage: a live line on a terminal's stderr, nothing otherwise.
 `run_eval(...)` is the same for Python callers (the speedrun, tests).
 """
 
@@ -20,9 +22,10 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
-from lm import storage
+from lm import stages, storage
 from lm.errors import ConfigError, LMError
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -148,10 +151,12 @@ def run_eval(
     "## Evaluation" section.
     """
     _quiet_lm_eval()
-    import jax
-    import lm_eval
+    with stages.stage("starting lm-eval"):
+        import jax
+        import lm_eval
+        import lm_eval.evaluator
 
-    from lm.evaluation import report
+        from lm.evaluation import harness, report  # noqa: F401 - registers the `lm` model
 
     names = parse_tasks(tasks)
     if isinstance(workdir_or_run, (str, os.PathLike)):
@@ -159,22 +164,32 @@ def run_eval(
         if not storage.exists(storage.join(workdir, "config.json")):
             raise LMError(f"{workdir} is not the workdir of an `lm train` run (no config.json)")
     metadata = {"workdir": os.fspath(workdir)} if workdir else None
-    manager = task_manager(names, include_path, metadata)
-    model = _model(workdir_or_run, step, batch_size, slots, seed)
-    loaded = _load_tasks(manager, names)
-    raw = lm_eval.simple_evaluate(
-        model=model,
-        tasks=loaded,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-        bootstrap_iters=bootstrap_iters,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with stages.stage("finding the tasks"):
+        manager = task_manager(names, include_path, metadata)
+    with stages.stage("restoring the checkpoint"):
+        model = _model(workdir_or_run, step, batch_size, slots, seed)
+    with stages.stage("loading the tasks' data"):
+        loaded = _load_tasks(manager, names)
+    model.requests_ended = None
+    model.preparing()
+    try:
+        raw = lm_eval.simple_evaluate(
+            model=model,
+            tasks=loaded,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        model.end_preparing()
+    if model.requests_ended is not None:  # metrics and bootstrap stderrs, after our requests
+        stages.record("computing the metrics (lm-eval)", time.monotonic() - model.requests_ended)
     samples = raw.pop("samples", None)
     results = report.json_safe(raw)
     results["lm_step"] = model.parts.step

@@ -19,12 +19,19 @@ per model is supplied here:
   max_seq_len windows (each token predicted once, with the most context that fits).
 - `generate_until`: the continuous-batching Engine (lm/inference/engine.py), greedy unless the
   task asks `do_sample`, cut before the first `until` string.
+
+lm-eval hands over every task's requests of one kind at once; each kind runs as a stage
+(`lm.stages`: "evaluating lm_py_funcname, lm_py_line (loglikelihood) 48/96 12s" live on a
+terminal, timed for the report), counted as batches are scored and prompts generated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from lm_eval.api.model import TemplateLM
@@ -32,6 +39,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from lm import stages
 from lm.errors import LMError
 from lm.evaluation.scoring import ContinuationScorer
 from lm.tokenizer.vocab import prompt_start_id
@@ -67,6 +75,13 @@ class ModelParts:
             run.trainer.rules,
             run.step,
         )
+
+
+def _task_names(requests) -> str:
+    """ "a, b" (or "a, b, c +2 more") of the lm-eval tasks the requests come from."""
+    names = sorted({str(getattr(r, "task_name", None) or "?") for r in requests})
+    shown = ", ".join(names[:3])
+    return shown + (f" +{len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _batch_size(value: Any) -> int:
@@ -122,6 +137,9 @@ class LMEvalModel(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
         self._engine = engine
+        self._stage: stages.Stage | None = None
+        self._lm_eval_stage = contextlib.ExitStack()  # lm-eval's own work before our requests
+        self.requests_ended: float | None = None  # time.monotonic() as the last kind ended
         self.scorer = ContinuationScorer(
             parts.graphdef,
             parts.params,
@@ -194,14 +212,47 @@ class LMEvalModel(TemplateLM):
     def tok_decode(self, ids: list[int]) -> str:
         return self.vocab.decode(ids)
 
+    # -- progress --------------------------------------------------------------------------------
+
+    def preparing(self, name: str = "preparing the requests (lm-eval)") -> None:
+        """Opens a stage for lm-eval's work before it hands over requests (documents, few-shot
+        contexts); the first request kind ends it, or `end_preparing()`."""
+        self.end_preparing()
+        self._lm_eval_stage.enter_context(stages.stage(name))
+
+    def end_preparing(self) -> None:
+        self._lm_eval_stage.close()
+
+    @contextlib.contextmanager
+    def _evaluating(self, requests, kind: str) -> Iterator[stages.Stage]:
+        """A stage "evaluating <tasks> (<kind>)" over `requests` (lm-eval Instances)."""
+        self.end_preparing()
+        name = f"evaluating {_task_names(requests)} ({kind})"
+        with stages.stage(name, total=len(requests)) as current:
+            current.update(0)
+            self._stage = current
+            try:
+                yield current
+            finally:
+                self._stage = None
+                self.requests_ended = time.monotonic()
+
+    def _progress(self, done: int, total: int | None = None) -> None:
+        if self._stage is not None:
+            self._stage.update(done, total)
+
     # -- loglikelihood -------------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = True) -> list[tuple[float, bool]]:
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        with self._evaluating(requests, "loglikelihood"):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = True, **kwargs):
         """requests: [((context, continuation), context ids, continuation ids)]."""
-        results = self.scorer.score([(ctx, cont) for _, ctx, cont in requests])
+        total = len(requests)
+        results = self.scorer.score(
+            [(ctx, cont) for _, ctx, cont in requests], lambda done: self._progress(done, total)
+        )
         for (strings, _, _), result in zip(requests, results, strict=True):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, result)
@@ -222,7 +273,9 @@ class LMEvalModel(TemplateLM):
         texts = [req.args[0] for req in requests]
         per_text = [self.rolling_windows(text) for text in texts]
         flat = [w for windows in per_text for w in windows]
-        scores = iter(self.scorer.score(flat))
+        with self._evaluating(requests, "rolling loglikelihood"):
+            # Counted in windows (a text is one or more), the unit batches are scored in.
+            scores = iter(self.scorer.score(flat, lambda done: self._progress(done, len(flat))))
         out = []
         for text, windows in zip(texts, per_text, strict=True):
             total = sum(next(scores)[0] for _ in windows)
@@ -280,7 +333,15 @@ class LMEvalModel(TemplateLM):
             stops.append(until)
         if not prompts:
             return []
-        results = self.engine.generate(prompts, params)
+        finished = 0
+
+        def count(_: int) -> None:
+            nonlocal finished
+            finished += 1
+            self._progress(finished)
+
+        with self._evaluating(requests, "generate_until"):
+            results = self.engine.generate(prompts, params, on_finished=count)
         out = []
         for req, result, until in zip(requests, results, stops, strict=True):
             text = postprocess_generated_text(result.text, until, None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +139,11 @@ class ContinuationScorer:
         row_spec = NamedSharding(self.mesh, PartitionSpec(*spec[: host.ndim]))
         return jax.make_array_from_callback(host.shape, row_spec, lambda index: host[index])
 
-    def score(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
-        """(sum of continuation logprobs, is_greedy) for each request, in the given order."""
+    def score(
+        self, requests: Sequence[Request], progress: Callable[[int], None] | None = None
+    ) -> list[tuple[float, bool]]:
+        """(sum of continuation logprobs, is_greedy) for each request, in the given order;
+        `progress(done)` after each batch (requests scored so far)."""
         prepared = [model_inputs(c, t, self.max_len) for c, t in requests]
         order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(prepared)
@@ -161,6 +164,8 @@ class ContinuationScorer:
             totals, greedy = np.asarray(totals), np.asarray(greedy)
             for row, i in enumerate(chunk):
                 results[i] = (float(totals[row]), bool(greedy[row]))
+            if progress is not None:
+                progress(start + len(chunk))
         return results
 
 

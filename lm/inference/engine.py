@@ -231,10 +231,14 @@ class Engine:
         return bool(self._waiting or self._cancelled or any(r is not None for r in self._slot))
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        on_finished: Callable[[int], None] | None = None,
     ) -> list[Result]:
         """Runs every prompt to completion and returns their results in order (on the engine
-        thread when started, else by stepping here)."""
+        thread when started, else by stepping here). `on_finished(i)` is called as prompt i
+        finishes (progress of a long batch job)."""
         many = params if isinstance(params, list) else [params] * len(prompts)
         results = [Result() for _ in prompts]
         done = threading.Semaphore(0)
@@ -243,6 +247,8 @@ class Engine:
             def on_output(out: Output) -> None:
                 results[i].add(out)
                 if out.finished:
+                    if on_finished is not None:
+                        on_finished(i)
                     done.release()
 
             return on_output
