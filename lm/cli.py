@@ -101,9 +101,11 @@ def cmd_finetune(args, overrides) -> int:
     extra = [f"--config.finetune.init={args.init}"] if args.init else []
     cfg = get_config(args.experiment, [*overrides, *extra])
     distributed.initialize()
+    from lm.finetune.recipe import apply_imported_recipe
     from lm.finetune.run import finetune
     from lm.training.guards import Preempted
 
+    apply_imported_recipe(cfg, overrides)  # an hf: init gets a fine-tuning learning rate
     try:
         summary = finetune(cfg, args.workdir)
     except Preempted as e:
@@ -112,13 +114,7 @@ def cmd_finetune(args, overrides) -> int:
 
     if jax.process_index():
         return 0
-    before, after = summary.get("validation_before") or {}, summary.get("validation") or {}
-    lines = summary.get("lines") or [
-        f"{key:24s} before {before.get(key, float('nan')):10.4f}  after {after[key]:10.4f}"
-        for key in sorted(after)
-        if isinstance(after[key], float)
-    ]
-    print("\n".join(lines))
+    print("\n".join(summary.get("lines") or []))
     print(f"finetuned: {args.workdir}")
     return 0
 

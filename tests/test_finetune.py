@@ -30,7 +30,13 @@ from lm.cli import main
 from tests.conftest import tiny_train_argv
 from tests.train_run import records
 
-FAST = ("--config.train.steps_per_call=1", "--config.train.log_every=1")
+# No sample replies in report.md (two engine compiles a run) but for the LoRA run, which checks
+# them; tests/test_finetune_report.py checks what they are.
+FAST = (
+    "--config.train.steps_per_call=1",
+    "--config.train.log_every=1",
+    "--config.train.sample_tokens=0",
+)
 # Few examples, small batches; multiples of the batch so no odd-sized batch compiles again.
 SFT = (
     "--config.finetune.max_examples=200",
@@ -201,7 +207,8 @@ def lora(tiny_workdir, root):
     base_ckpts = sorted(os.listdir(os.path.join(tiny_workdir, "checkpoints")))
     base_before = flat(restore_run(tiny_workdir).params)
     workdir = str(root / "lora")
-    assert finetune("lora_tiny", tiny_workdir, workdir, "--config.train.steps=4", *SFT) == 0
+    steps, samples = "--config.train.steps=4", "--config.train.sample_tokens=8"
+    assert finetune("lora_tiny", tiny_workdir, workdir, steps, samples, *SFT) == 0
     return SimpleNamespace(
         workdir=workdir, base=tiny_workdir, base_before=base_before, base_ckpts=base_ckpts
     )
@@ -549,25 +556,65 @@ def test_rl_config_errors_are_one_line(sft, prompts, root, capsys):
 # -- init from Hugging Face --------------------------------------------------------------------
 
 
-def test_init_from_a_hugging_face_checkpoint(root):
+def test_init_from_a_hugging_face_checkpoint(root, caplog):
+    """An hf: init is converted into <workdir>/base and trained with the fine-tuning recipe for
+    imported checkpoints (the experiment sets no optim for it): peak lr 2e-5 * sqrt(4096 /
+    hidden_size) clipped to [1e-5, 1e-4], warmup 3% of the steps (at least 1), no decay."""
     pytest.importorskip("transformers")
     from lm.convert import parity
     from lm.training.restore import restore_run
 
     hf_dir = str(root / "hf-llama")
     parity.tiny_model("llama", hf_dir)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        width = json.load(f)["hidden_size"]
+    peak = min(1e-4, max(1e-5, 2e-5 * math.sqrt(4096 / width)))
     workdir = str(root / "from-hf")
-    overrides = ("--config.train.steps=2", "--config.finetune.max_examples=40",
+    overrides = ("--config.train.steps=4", "--config.finetune.max_examples=40",
                  "--config.data.batch_size=8", "--config.train.eval_every=100")  # fmt: skip
-    assert finetune("sft_tiny", f"hf:{hf_dir}", workdir, *overrides) == 0
+    with caplog.at_level("INFO"):
+        assert finetune("sft_tiny", f"hf:{hf_dir}", workdir, *overrides) == 0
     base = os.path.join(workdir, "base")
     assert os.path.exists(os.path.join(base, "config.json"))
-    assert sorted(records(workdir)) == [1, 2]
+    rows = records(workdir)
+    assert sorted(rows) == [1, 2, 3, 4]
+    # Step n logs the rate of its update n - 1: 0 in the one warmup step, then the peak.
+    assert rows[1]["lr"] == 0.0 and rows[2]["lr"] == pytest.approx(peak, rel=1e-6)
+    assert max(r["lr"] for r in rows.values()) == pytest.approx(peak, rel=1e-6)
+    with open(os.path.join(workdir, "config.json")) as f:
+        optim = json.load(f)["optim"]
+    assert optim["warmup_steps"] == 1 and optim["weight_decay"] == 0.0
+    assert "fine-tuning recipe" in caplog.text and "pretraining learning rate" not in caplog.text
     tuned, converted = flat(restore_run(workdir).params), flat(restore_run(base).params)
     assert tuned.keys() == converted.keys()
     assert all(tuned[k].shape == converted[k].shape for k in tuned)
     assert any(not np.array_equal(tuned[k], converted[k]) for k in tuned)  # it trained
-    assert finetune_json(workdir)["init"] == f"hf:{hf_dir}"
+    record = finetune_json(workdir)
+    assert record["init"] == f"hf:{hf_dir}" and record["recipe"] is True
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+
+def test_every_method_writes_a_report_of_its_run(sft, lora, dpo, rm, grpo, ppo):
+    """report.md, loss_curve.png and the validation table of every method; sample replies
+    for the LoRA run (its adapters merged for the engine), none for the reward model."""
+    runs = [(sft.workdir, "sft"), (lora.workdir, "sft"), (dpo, "dpo"), (rm, "rm"),
+            (grpo, "grpo"), (ppo, "ppo")]  # fmt: skip
+    for workdir, method in runs:
+        with open(os.path.join(workdir, "report.md")) as f:
+            report = f.read()
+        assert f"| method | {method} |" in report, workdir
+        assert os.path.getsize(os.path.join(workdir, "loss_curve.png")) > 0
+        record = finetune_json(workdir)
+        before, after = record["validation_before"], record["validation"]
+        for key in set(after) - {"weight"}:
+            assert f"| {key} | {before[key]:.4f} | {after[key]:.4f} |" in report, (workdir, key)
+    with open(os.path.join(lora.workdir, "report.md")) as f:
+        assert "| LoRA | rank 8, alpha 16.0 |" in f.read()
+    samples = finetune_json(lora.workdir)["samples"]
+    assert len(samples) == 3 and all(isinstance(s["after"], str) for s in samples)
+    assert finetune_json(rm)["samples"] == []
 
 
 # -- user errors -------------------------------------------------------------------------------

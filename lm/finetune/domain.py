@@ -18,6 +18,7 @@ import jax
 
 from lm import storage
 from lm.training.loop import Preempted, train
+from lm.training.report import write_report_section
 from lm.training.restore import RestoredRun
 
 
@@ -80,16 +81,16 @@ def adapt(cfg, workdir: str, base: RestoredRun, stop) -> dict[str, Any]:
             "comparison": [{"measure": n, "before": b, "after": a} for n, b, a in rows],
         }
         storage.write_text(storage.join(workdir, "finetune.json"), json.dumps(record, indent=2))
-        _append_report(workdir, rows)
+        _report_section(workdir, rows)
     if stop.agreed():
         raise Preempted(stop.signum)
     return summary
 
 
-def _append_report(workdir: str, rows: list) -> None:
-    """A "Domain adaptation" section in report.md: each measure before and after."""
+def _report_section(workdir: str, rows: list) -> None:
+    """The "finetune" section of report.md (after `lm train`'s training section): each
+    measure before and after."""
     lines = [
-        "",
         "## Domain adaptation: learned and forgotten",
         "",
         "| measure | before (init) | after | change |",
@@ -99,6 +100,4 @@ def _append_report(workdir: str, rows: list) -> None:
         if a is None:
             continue
         lines.append(f"| {name} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
-    path = storage.join(workdir, "report.md")
-    text = storage.read_text(path) if storage.exists(path) else "# Report\n"
-    storage.write_text(path, text.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+    write_report_section(workdir, "finetune", "\n".join(lines))

@@ -264,8 +264,11 @@ def load_reward_model(workdir: str):
     return run.trainer.graphdef, run.params
 
 
-def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> tuple[Any, dict]:
-    """GRPO / PPO in the one train loop, with rollouts before every step."""
+def rollout_training(
+    cfg, workdir: str, trainer, trainable, vocab, stop, samples=None
+) -> tuple[Any, dict]:
+    """GRPO / PPO in the one train loop, with rollouts before every step; `samples`
+    (lm/finetune/report.py) takes the init's replies to held-out prompts before training."""
     ft = cfg.finetune
     items, rejects = make_data.load_prompt_data(
         ft.data or "stdlib:verifiable", ft.max_examples, cfg.seed
@@ -308,6 +311,8 @@ def rollout_training(cfg, workdir: str, trainer, trainable, vocab, stop) -> tupl
         return source.evaluate(params, held_index)
 
     before = validation(trainable)
+    if samples is not None:
+        samples.before(trainable, held)
     state, summary = run_training(
         cfg, workdir, trainer, source, validation, stop,
         initial_state=lambda: trainer.state_from_params(trainable),

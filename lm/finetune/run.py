@@ -11,13 +11,15 @@ validation, checkpoints, preemption). What differs per method is where batches c
 
 The finetuned workdir holds config.json (the model and tokenizer of the init run, the
 `finetune` group naming it), its checkpoints (with LoRA: the adapters and their optimizer
-state only, plus adapter.json) and finetune.json (validation before and after).
+state only, plus adapter.json), finetune.json (validation before and after, data counts with
+every rejected record's reason, sample replies) and report.md (lm/finetune/report.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from typing import Any
 
 import jax
@@ -29,6 +31,8 @@ from lm.errors import ConfigError
 from lm.finetune import examples, make_data
 from lm.finetune.objectives import make_objective, sequence_logps
 from lm.finetune.policy import initial_params
+from lm.finetune.recipe import pretraining_lr_warning, uses_imported_recipe
+from lm.finetune.report import SampleReplies, summary_lines, write_report
 from lm.training.guards import Preempted, StopRequests
 from lm.training.loop import run_training
 from lm.training.restore import RestoredRun, restore_run
@@ -184,6 +188,10 @@ def _finetune(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) 
     init = resolve_init(cfg, workdir)
     base = restore_run(init)
     adopt_base(cfg, base)
+    lr_warning = pretraining_lr_warning(cfg, base.cfg)
+    if lr_warning:
+        logging.warning(lr_warning)
+    recipe = uses_imported_recipe(cfg, base.cfg)
     if method == "lm":  # continued pretraining: `lm train`'s data pipeline and loop
         from lm.finetune.domain import adapt
 
@@ -196,15 +204,26 @@ def _finetune(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) 
     trainable, frozen = initial_params(trainer, base.params)
     if frozen is not None:
         trainer.set_frozen(frozen)
+    samples = SampleReplies(cfg, trainer, base.model_cfg, load_vocab_of(cfg))
     del base  # its params are now the trainer's
-    vocab = load_vocab_of(cfg)
+    vocab = samples.vocab
     if method in ("grpo", "ppo"):
         from lm.finetune.rollout import rollout_training
 
-        state, summary = rollout_training(cfg, workdir, trainer, trainable, vocab, stop)
-        return _finished(cfg, workdir, trainer, state, vocab, summary, stop)
-    train_arrays, held_arrays, counts = offline_data(cfg, vocab)
-    if method == "dpo":
+        state, summary = rollout_training(cfg, workdir, trainer, trainable, vocab, stop, samples)
+    else:
+        state, summary = _offline_training(cfg, workdir, trainer, trainable, samples, stop)
+    summary.update(lr_warning=lr_warning, recipe=recipe)
+    return _finished(cfg, workdir, trainer, state, samples, summary, stop)
+
+
+def _offline_training(cfg, workdir: str, trainer, trainable, samples, stop) -> tuple[Any, dict]:
+    """SFT, reward model or DPO on a fixed set of examples, held-out ones validated."""
+    items, held_items, rejects = offline_items(cfg)
+    train_arrays, held_arrays, counts = encode_offline(
+        cfg, samples.vocab, items, held_items, rejects
+    )
+    if cfg.finetune.method == "dpo":
         train_arrays.update(reference_logps(trainer, trainable, train_arrays))
         held_arrays.update(reference_logps(trainer, trainable, held_arrays))
     source = ArraySource(train_arrays, cfg.data.batch_size, cfg.seed)
@@ -214,16 +233,18 @@ def _finetune(cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests) 
         return validate_objective(trainer, params, held)
 
     before = validation(trainable)
+    samples.before(trainable, held_items)
     state, summary = run_training(
         cfg, workdir, trainer, source, validation, stop,
         initial_state=lambda: trainer.state_from_params(trainable),
     )  # fmt: skip
     summary.update(validation_before=before, data=counts)
-    return _finished(cfg, workdir, trainer, state, vocab, summary, stop)
+    return state, summary
 
 
-def _finished(cfg, workdir, trainer, state, vocab, summary: dict, stop) -> dict:
-    summary.update(finish(cfg, workdir, trainer, state.params, vocab, summary))
+def _finished(cfg, workdir, trainer, state, samples, summary: dict, stop) -> dict:
+    samples.after(state.params)
+    summary.update(finish(cfg, workdir, trainer, samples, summary))
     if stop.agreed():  # a signal during the final evaluation
         raise Preempted(stop.signum)
     return summary
@@ -235,8 +256,8 @@ def load_vocab_of(cfg: ml_collections.ConfigDict):
     return load_vocab(cfg.tokenizer.path, cfg.tokenizer.get("extra_ids", 0))
 
 
-def offline_data(cfg: ml_collections.ConfigDict, vocab) -> tuple[dict, dict, dict]:
-    """(train arrays, held-out arrays, data counts) of an sft / rm / dpo run."""
+def offline_items(cfg: ml_collections.ConfigDict) -> tuple[list, list, Counter]:
+    """(train items, held-out items, reject counts) of an sft / rm / dpo run."""
     ft = cfg.finetune
     if not ft.data:
         raise ConfigError("set --config.finetune.data (a JSONL file or stdlib:...)")
@@ -250,7 +271,15 @@ def offline_data(cfg: ml_collections.ConfigDict, vocab) -> tuple[dict, dict, dic
         items, held = examples.split_holdout(items, ft.eval_fraction, cfg.seed)
     if not held:
         raise ConfigError("no held-out examples: set finetune.eval_fraction > 0 or eval_data")
-    if sft:
+    return items, held, rejects
+
+
+def encode_offline(
+    cfg, vocab, items: list, held: list, rejects: Counter
+) -> tuple[dict, dict, dict]:
+    """(train arrays, held-out arrays, data counts) of the items: packed conversations (sft)
+    or preference rows (rm / dpo)."""
+    if cfg.finetune.method == "sft":
         train_arrays, cut = examples.pack_conversations(vocab, items, cfg.data.seq_len)
         held_arrays, held_cut = examples.pack_conversations(vocab, held, cfg.data.seq_len)
     else:
@@ -266,19 +295,29 @@ def offline_data(cfg: ml_collections.ConfigDict, vocab) -> tuple[dict, dict, dic
     return train_arrays, held_arrays, counts
 
 
-def finish(cfg, workdir: str, trainer: Trainer, params, vocab, summary: dict) -> dict:
-    """finetune.json (validation before / after, data counts) and adapter.json for LoRA."""
+def offline_data(cfg: ml_collections.ConfigDict, vocab) -> tuple[dict, dict, dict]:
+    """(train arrays, held-out arrays, data counts) of an sft / rm / dpo run."""
+    return encode_offline(cfg, vocab, *offline_items(cfg))
+
+
+def finish(cfg, workdir: str, trainer: Trainer, samples, summary: dict) -> dict:
+    """finetune.json (validation before / after, data counts with rejects, sample replies),
+    adapter.json for LoRA, and report.md; the lines `lm finetune` prints."""
     out: dict[str, Any] = {}
+    record = {
+        "method": cfg.finetune.method,
+        "init": cfg.finetune.init,
+        "steps": cfg.train.steps,
+        "optim": {k: cfg.optim[k] for k in ("lr", "schedule", "warmup_steps", "weight_decay")},
+        "recipe": bool(summary.get("recipe")),
+        "lr_warning": summary.get("lr_warning"),
+        "validation_before": summary.get("validation_before"),
+        "validation": summary.get("validation"),
+        "data": summary.get("data"),
+        "trainable_params": summary.get("params"),
+        "samples": samples.records(),
+    }
     if jax.process_index() == 0:
-        record = {
-            "method": cfg.finetune.method,
-            "init": cfg.finetune.init,
-            "steps": cfg.train.steps,
-            "validation_before": summary.get("validation_before"),
-            "validation": summary.get("validation"),
-            "data": summary.get("data"),
-            "trainable_params": summary.get("params"),
-        }
         if cfg.finetune.lora.rank > 0:
             from lm.finetune.lora import adapter_metadata
 
@@ -287,4 +326,6 @@ def finish(cfg, workdir: str, trainer: Trainer, params, vocab, summary: dict) ->
             record["adapter"] = meta
         storage.write_text(storage.join(workdir, MARKER), json.dumps(record, indent=2))
         out["record"] = storage.join(workdir, MARKER)
+    out["report"] = write_report(workdir, cfg, record)
+    out["lines"] = summary_lines(record, out["report"])
     return out
