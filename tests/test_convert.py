@@ -340,6 +340,41 @@ def test_hf_vocab_without_bos(tmp_path):
     assert vocab.pad_id == eos and vocab.vocab_size == vocab.base_vocab_size
 
 
+def test_convert_names_and_times_its_stages(imported, tmp_path, monkeypatch):
+    # Issue 20 item 4: a stage line (on a terminal) and a recorded time for each phase.
+    from lm import stages
+
+    updates = []
+    update = stages.Stage.update
+    monkeypatch.setattr(
+        stages.Stage,
+        "update",
+        lambda self, done, total=None: (
+            updates.append((self.name, done, self.total)) or update(self, done, total)
+        ),
+    )
+    _, hf_dir, _ = imported("gpt2")
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+    seen = len(stages.timings())
+    updates.clear()
+    import_hf(hf_dir, workdir)
+    export_hf(workdir, out)
+    names = [name for name, _ in stages.timings()[seen:]]
+    assert names == [
+        f"reading {hf_dir}",
+        "converting the tensors",
+        "building the step-0 train state",
+        f"writing {workdir}",
+        f"reading {workdir}",
+        "converting the tensors",
+        f"writing {out}",
+    ]
+    counts = [(done, total) for name, done, total in updates if name == "converting the tensors"]
+    assert counts[-1][0] == counts[-1][1] > 1 and [d for d, _ in counts] == list(
+        range(1, counts[-1][1] + 1)
+    )
+
+
 # -- prompts follow the imported tokenizer's own BOS convention ----------------------------------
 
 

@@ -8,6 +8,9 @@ checkpoint of the whole train state at step 0 (fresh optimizer state, the data i
 its start), so `lm sample`, `restore_params` and `lm train` (fine-tuning, resuming) read it
 like any run. Export reads a checkpoint back with `restore_params` and writes model.safetensors
 (sharded past 5 GiB) + config.json + the tokenizer files for `from_pretrained`.
+
+Each phase (reading, converting the tensors, building the state, writing) is an `lm.stages`
+stage: a live line on a terminal's stderr for a large model, its time recorded.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lm import sharding, storage
+from lm import sharding, stages, storage
 from lm.convert import hf as hf_io
 from lm.convert.common import Link, check_tensors, stack_layers, unstack_layers
 from lm.convert.families import family_by_name, family_for_config, infer_family
@@ -78,10 +81,11 @@ def import_hf(
     from lm.training.setup import save_config
 
     hf_dir = os.path.abspath(hf_dir)
-    hf_cfg = hf_io.read_config(hf_dir)
-    family = family_for_config(hf_cfg, os.path.join(hf_dir, "config.json"))
-    files = hf_io.TensorFiles(hf_dir)
-    fmt = family.detect_format(set(files.shapes))
+    with stages.stage(f"reading {hf_dir}"):
+        hf_cfg = hf_io.read_config(hf_dir)
+        family = family_for_config(hf_cfg, os.path.join(hf_dir, "config.json"))
+        files = hf_io.TensorFiles(hf_dir)
+        fmt = family.detect_format(set(files.shapes))
     cfg = default_config()
     cfg.model.update(family.model_keys(hf_cfg))
     cfg.model.update(scan_layers=scan_layers, param_dtype=param_dtype)
@@ -104,8 +108,10 @@ def import_hf(
     _check_empty_workdir(workdir)
 
     flat: dict[str, np.ndarray] = {}
-    for link in links:
-        flat.update(zip(link.ours, link.fwd(*[files.get(n) for n in link.hf])))
+    with stages.stage("converting the tensors", total=len(links)) as progress:
+        for done, link in enumerate(links, 1):
+            flat.update(zip(link.ours, link.fwd(*[files.get(n) for n in link.hf])))
+            progress.update(done)
     vocab_size = hf_vocab
     if vocab_multiple > 0:
         vocab_size = -(-hf_vocab // vocab_multiple) * vocab_multiple
@@ -117,7 +123,8 @@ def import_hf(
     if mc.scan_layers:
         flat = stack_layers(flat, mc.num_layers)
 
-    state, checkpointer_keep = _step0_state(cfg, mc, flat), cfg.train.keep_checkpoints
+    with stages.stage("building the step-0 train state"):
+        state, checkpointer_keep = _step0_state(cfg, mc, flat), cfg.train.keep_checkpoints
 
     # The tokenizer directory: HF's files plus its config.json (vocab rows, special ids).
     tok_dir = storage.join(workdir, TOKENIZER_DIR)
@@ -145,8 +152,9 @@ def import_hf(
             source=hf_dir,
         )
     )
-    _save(state, workdir, checkpointer_keep)
-    save_config(cfg, workdir)
+    with stages.stage(f"writing {workdir}"):
+        _save(state, workdir, checkpointer_keep)
+        save_config(cfg, workdir)
     return dict(
         workdir=workdir,
         architecture=family.architecture,
@@ -224,8 +232,9 @@ def export_hf(
     from lm.training.setup import load_run_config
 
     cfg = load_run_config(workdir)
-    _, params, mc, vocab, step = restore_params(workdir, step)
-    flat = _flat_params(params)
+    with stages.stage(f"reading {workdir}"):
+        _, params, mc, vocab, step = restore_params(workdir, step)
+        flat = _flat_params(params)
     if mc.scan_layers:
         flat = unstack_layers(flat, mc.num_layers)
     info = cfg.get("hf") or ml_collections.ConfigDict()
@@ -236,14 +245,16 @@ def export_hf(
         if "head.kernel" in flat:
             flat["head.kernel"] = flat["head.kernel"][:, :hf_vocab]
     mc_out = dataclasses.replace(mc, vocab_size=hf_vocab)
-    tensors = _to_hf_tensors(family.links(mc_out, info.get("format", "")), flat, family)
     main = info.get("dtype") or np.dtype(mc.param_dtype).name
     overrides = json.loads(info.get("dtype_overrides") or "{}")
-    tensors = {
-        n: t.astype(hf_io.numpy_dtype(overrides.get(n, main)), copy=False)
-        for n, t in tensors.items()
-    }
-    files = hf_io.write_tensors(out_dir, tensors, max_shard_bytes)
+    with stages.stage("converting the tensors"):
+        tensors = _to_hf_tensors(family.links(mc_out, info.get("format", "")), flat, family)
+        tensors = {
+            n: t.astype(hf_io.numpy_dtype(overrides.get(n, main)), copy=False)
+            for n, t in tensors.items()
+        }
+    with stages.stage(f"writing {out_dir}"):
+        files = hf_io.write_tensors(out_dir, tensors, max_shard_bytes)
 
     base = {}
     is_hf = isinstance(vocab, HFVocab)
