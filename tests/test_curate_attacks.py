@@ -366,3 +366,23 @@ def test_an_interrupted_bucket_swap_is_never_read_as_a_mix(gcs, monkeypatch):
     assert copied[-1] == f"{out}/manifest.json"  # the commit point, written last
     assert [d["id"] for d in read_documents(out)] == ["new0", "new1", "new2"]
     assert not storage.exists(staging)
+
+
+def test_an_output_that_is_a_mount_point_is_published_entry_by_entry(tmp_path, monkeypatch):
+    """A mount point cannot be renamed: the run stages inside it and swaps entries, manifest
+    last (simulated: os.path.ismount says yes for the output)."""
+    from lm.curate import publish
+
+    out = str(tmp_path / "out")
+    _fake_output(out, ["old0"])
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == out)
+    staging = publish.staging_dir(out)
+    assert os.path.dirname(staging) == out
+    _fake_output(staging, ["new0", "new1"])
+    assert [d["id"] for d in read_documents(out)] == ["old0"]  # untouched until published
+    publish.publish(staging, out)
+    assert [d["id"] for d in read_documents(out)] == ["new0", "new1"]
+    assert sorted(os.listdir(out)) == [
+        "documents-00000-of-00001.array_record", "manifest.json", "notes.md",
+    ]  # fmt: skip

@@ -5,7 +5,9 @@ Apache Beam pipeline (pipeline.py): sources (sources.py) -> one per-document cha
 decode, clean, URL blocklist, langid, Gopher/C4/FineWeb or code filters, blocklist, PII,
 decontamination) -> shuffle-based exact and MinHash near-duplicate removal -> sharded ArrayRecord
 documents, JSONL rejects, `manifest.json` and `data_report.{md,json}` (output.py, report.py).
-`lm.curate.output.read_documents(DIR)` reads the kept documents back.
+`lm.curate.output.read_documents(DIR)` reads the kept documents back. A run is written into a
+staging directory and replaces DIR only when complete and reconciled (publish.py); a failed run
+leaves DIR as it was and its report in `DIR.failed/`.
 
     lm data run --pipeline=stdlib --output=runs/data/stdlib
     lm data run --pipeline=web --output=out --config.source.path=crawl/*.warc.gz \\

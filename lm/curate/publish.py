@@ -7,7 +7,9 @@ A run never writes into `<output>` while it works. Its workers write shards, rej
 - Local: the previous output is renamed aside, the staging directory renamed to `<output>`
   (two renames on one file system: readers see the old complete output, briefly nothing, then
   the new complete output, never a mix), files the previous output held that a run does not
-  write (`is_ours`) are moved over, and the old directory is deleted.
+  write (`is_ours`) are moved over, and the old directory is deleted. An output that is a mount
+  point cannot be renamed: its staging directory is `<output>/.staging-<token>` (the same disk)
+  and it is published entry by entry, manifest last, as on a bucket.
 - On a bucket there is no rename and no atomic swap of many objects, so the manifest is the
   commit point: readers read only through `manifest.json` (output.read_manifest) and only the
   shards it lists. `publish` deletes the old manifest first (from then on readers refuse the
@@ -70,10 +72,19 @@ def _sibling(output_dir: str, name: str) -> str:
     return os.path.join(parent, name.format(base=base))
 
 
+def _by_entries(output_dir: str) -> bool:
+    """True where the output cannot be swapped by renaming it: a bucket, a mount point."""
+    return storage.is_remote(output_dir) or os.path.ismount(output_dir)
+
+
 def staging_dir(output_dir: str) -> str:
-    """A new, empty staging directory beside `output_dir` (created locally; ConfigError with the
-    reason when its parent is not writable)."""
-    path = _sibling(output_dir, ".{base}.staging-" + uuid.uuid4().hex[:12])
+    """A new, empty staging directory beside `output_dir` (inside it for a mount point; created
+    locally, ConfigError with the reason when that is not writable)."""
+    token = uuid.uuid4().hex[:12]
+    if not storage.is_remote(output_dir) and os.path.ismount(output_dir):
+        path = os.path.join(output_dir, f".staging-{token}")
+    else:
+        path = _sibling(output_dir, ".{base}.staging-" + token)
     if not storage.is_remote(path):
         try:
             os.makedirs(path)
@@ -90,8 +101,8 @@ def failed_dir(output_dir: str) -> str:
 def publish(staging: str, output_dir: str) -> None:
     """Replaces `output_dir` by the finished `staging` (see the module docstring); removes the
     report of an earlier failed run."""
-    if storage.is_remote(output_dir):
-        _publish_remote(staging, output_dir)
+    if _by_entries(output_dir):
+        _publish_by_entries(staging, output_dir)
     else:
         _publish_local(staging, output_dir)
     storage.remove(failed_dir(output_dir))
@@ -114,14 +125,20 @@ def _publish_local(staging: str, output_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _publish_remote(staging: str, output_dir: str) -> None:
+def _publish_by_entries(staging: str, output_dir: str) -> None:
+    """The manifest is the commit point: removed first, written last (see the module docstring).
+    Local entries are renamed (one disk), a bucket's objects copied server side."""
     storage.remove(f"{output_dir}/{MANIFEST}")  # first: from here on nothing consumes it
     for name in storage.listdir(output_dir):
         if is_ours(name):
             storage.remove(f"{output_dir}/{name}")
-    files = storage.relative_files(staging)
-    for rel in sorted(files, key=lambda r: r == MANIFEST):  # the manifest last
-        _copy_object(f"{staging}/{rel}", f"{output_dir}/{rel}")
+    if storage.is_remote(output_dir):
+        files = storage.relative_files(staging)
+        for rel in sorted(files, key=lambda r: r == MANIFEST):  # the manifest last
+            _copy_object(f"{staging}/{rel}", f"{output_dir}/{rel}")
+    else:
+        for name in sorted(os.listdir(staging), key=lambda n: n == MANIFEST):
+            os.rename(os.path.join(staging, name), os.path.join(output_dir, name))
     storage.remove(staging)
 
 
