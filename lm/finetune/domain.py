@@ -66,8 +66,8 @@ def adapt(cfg, workdir: str, base: RestoredRun, stop) -> dict[str, Any]:
         if "stderr" not in metric
     ]
     summary.update(before_tasks=before_tasks, after_tasks=after_tasks, comparison=rows)
-    summary["lines"] = [
-        f"{name:40s} before {b:10.4f}  after {a:10.4f}" for name, b, a in rows if a is not None
+    summary["lines"] = [  # before -> after, as `lm finetune` prints every method's metrics
+        f"{name:40s} {b:10.4f} -> {a:10.4f}" for name, b, a in rows if a is not None
     ]
     if jax.process_index() == 0:
         record = {
