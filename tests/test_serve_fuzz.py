@@ -9,8 +9,9 @@ How: schemathesis's own run engine (what `schemathesis run` drives) with only th
 on the `tiny_workdir` run. Phases: the schema's examples; coverage (boundary and invalid values
 of every field, wrong methods); fuzzing (Hypothesis, `MAX_EXAMPLES` per operation, valid and
 invalid bodies, unshrunk). A fixed seed keeps runs reproducible. The run is bounded by
-`MAX_EXAMPLES` and each request by `REQUEST_TIMEOUT_S` (schemathesis's `max-time` would instead
-keep fuzzing until that time is spent). (schemathesis 4.32's pytest plugin,
+`MAX_EXAMPLES` (LM_FUZZ_MAX_EXAMPLES overrides it, for a longer run by hand) and each request by
+`REQUEST_TIMEOUT_S` (schemathesis's `max-time` would instead keep fuzzing until that time is
+spent). (schemathesis 4.32's pytest plugin,
 `schemathesis.pytest.from_fixture`, breaks on pytest 9.2's node ids, hence the engine.)
 Hypothesis keeps no example database (`database: none`); its other caches go to a temporary
 directory, not the repo.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 
 import pytest
 import schemathesis
@@ -36,7 +38,7 @@ from lm.serve.app import create_app
 from lm.serve.runner import ServerThread
 
 SLOTS = 2
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = int(os.environ.get("LM_FUZZ_MAX_EXAMPLES", "25"))
 SEED = 20261206
 REQUEST_TIMEOUT_S = 60
 MAX_GENERATED = 8  # tokens per choice the engine generates, whatever max_tokens asks
