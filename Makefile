@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=3
 WORKDIR ?= runs/speedrun
 
-.PHONY: install browser test test-slow speedrun bench lint format clean
+.PHONY: install browser test test-slow speedrun bench notebooks lint format clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ speedrun: install
 
 bench: install
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m benchmarks.run --out=BENCHMARKS.md
+
+# Runs every notebook top to bottom (nbclient, as make test does) and saves it with its outputs.
+notebooks: install
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python notebooks/execute.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

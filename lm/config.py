@@ -426,3 +426,10 @@ def apply_overrides(
 def get_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config of experiment `name` with `overrides` applied."""
     return apply_overrides(load_experiment(name), overrides)
+
+
+def get_config_with(name: str, values: dict[str, object]) -> ml_collections.ConfigDict:
+    """`get_config` with settings as Python values, `{"train.steps": 30, "optim.lr": 1e-3}`
+    (notebooks, scripts): the same key and type checks as `--config.train.steps=30`."""
+    texts = [f"{key}={v if isinstance(v, str) else repr(v)}" for key, v in values.items()]
+    return get_config(name, texts)

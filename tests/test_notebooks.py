@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import pathlib
 import re
 import resource
 import subprocess
@@ -25,11 +24,9 @@ import time
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOKS = ROOT / "notebooks"
-CELL_TIMEOUT_S = 600  # per cell; a whole notebook takes 0.5 to 3 minutes on 2 busy cores
+from notebooks.execute import NOTEBOOKS, ROOT, execute_notebook
+
 TESTED = {
     "00_quickstart.ipynb",
     "01_data.ipynb",
@@ -37,30 +34,14 @@ TESTED = {
     "03_finetuning.ipynb",
     "04_eval_and_serving.ipynb",
 }
-
-
-def kernel_env(runs) -> dict[str, str]:
-    env = dict(os.environ)
-    env["LM_NOTEBOOK_RUNS"] = str(runs)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if "host_platform_device_count" not in f)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    return env
+MAX_NOTEBOOK_BYTES = 400_000  # outputs are kept, but no huge ones
 
 
 def execute(name: str, cwd, runs) -> nbformat.NotebookNode:
-    """Runs every cell of notebooks/`name` in a new kernel started in `cwd`; a failing cell
-    raises (nbclient's CellExecutionError, with the cell's traceback)."""
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(cwd)}},
-    )
+    """Runs every cell of notebooks/`name` as `make notebooks` does (notebooks/execute.py),
+    timed; a failing cell raises (nbclient's CellExecutionError, with the cell's traceback)."""
     start, cpu = time.perf_counter(), children_cpu_s()
-    client.execute(env=kernel_env(runs))  # returns once the kernel has exited (and was reaped)
+    nb = execute_notebook(NOTEBOOKS / name, cwd, runs)
     print(
         f"{name}: {time.perf_counter() - start:.1f} s wall, {children_cpu_s() - cpu:.1f} s CPU "
         f"(kernel and its subprocesses); cells over 2 s: {slow_cells(nb)}"
@@ -132,7 +113,8 @@ def pretraining(runs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(TESTED))
-def test_committed_notebook_is_clean_and_installs_like_colab(name):
+def test_committed_notebook_carries_its_outputs_and_installs_like_colab(name):
+    # Saved with outputs (`make notebooks`), so a reader on GitHub sees the results.
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
     first, install = nb.cells[0], code_cells(nb)[0]
@@ -140,8 +122,50 @@ def test_committed_notebook_is_clean_and_installs_like_colab(name):
     assert nb.cells[1] is install, "the install cell comes right after the introduction"
     for needed in ("import lm", "except ImportError", "'git', 'clone'", "'pip', 'install'", "'-e'"):
         assert needed in install.source, f"install cell lacks {needed!r}"
-    for cell in code_cells(nb):
-        assert not cell.outputs and cell.execution_count is None, "outputs must be cleared"
+    cells = code_cells(nb)
+    counts = [cell.execution_count for cell in cells]
+    assert counts == list(range(1, len(cells) + 1)), "run top to bottom once: make notebooks"
+    outputs = [out for cell in cells for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    assert sum(1 for cell in cells if cell.outputs) >= len(cells) / 2, "outputs missing"
+    assert "nothing to install" in text(install)
+    assert (NOTEBOOKS / name).stat().st_size < MAX_NOTEBOOK_BYTES
+    printed = "".join(map(text, cells))
+    assert "/tmp/" not in printed and str(ROOT) not in printed, "machine paths left in outputs"
+
+
+def images(nb) -> list[str]:
+    """The base64 PNGs the notebook displays."""
+    return [
+        out.data["image/png"]
+        for cell in code_cells(nb)
+        for out in cell.outputs
+        if out.output_type in ("display_data", "execute_result") and "image/png" in out.data
+    ]
+
+
+def markdown(nb) -> str:
+    return "".join(
+        out.data.get("text/markdown", "")
+        for cell in code_cells(nb)
+        for out in cell.outputs
+        if out.output_type == "display_data"
+    )
+
+
+def check_quickstart_report(nb) -> None:
+    """The report's loss curve is shown in the notebook (not a link to a file beside the run),
+    and its samples section has samples."""
+    assert images(nb), "no image output: the loss curve is not shown"
+    report = markdown(nb)
+    assert "## Samples" in report and "_No samples._" not in report
+    assert "](loss_curve.png)" not in report
+    samples = report.split("## Samples", 1)[1]
+    assert "def " in samples and "import " in samples
+
+
+def test_committed_quickstart_shows_the_loss_curve_and_samples():
+    check_quickstart_report(nbformat.read(NOTEBOOKS / "00_quickstart.ipynb", as_version=4))
 
 
 # Runs an install cell where `lm` does not import, with git and pip replaced by recorders (no
@@ -200,6 +224,7 @@ def test_every_notebook_is_executed_here():
 def test_00_quickstart(runs, tmp_path):
     nb = execute("00_quickstart.ipynb", tmp_path, runs)
     check_install_cell_did_nothing(nb)
+    check_quickstart_report(nb)
     assert (runs / "quickstart" / "report.md").exists()
     assert number(r"validation loss ([\d.]+) at step 30", last_output(nb)) < 7.0
 
