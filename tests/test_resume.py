@@ -82,6 +82,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus):
     steps = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert len(steps) == 1 and 3 <= steps[0] < STEPS
     assert f"saved checkpoint {steps[0]}" in err
+    assert not (workdir / "lock.json").exists()  # released on preemption
 
 
 def test_corrupt_checkpoint_is_skipped(tmp_path, caplog):

@@ -33,6 +33,7 @@ from lm.finetune.objectives import make_objective, sequence_logps
 from lm.finetune.policy import initial_params
 from lm.finetune.recipe import pretraining_lr_warning, uses_imported_recipe
 from lm.finetune.report import SampleReplies, summary_lines, write_report
+from lm.training import lock as workdir_lock
 from lm.training.guards import Preempted, StopRequests
 from lm.training.loop import run_training
 from lm.training.restore import RestoredRun, restore_run
@@ -174,9 +175,10 @@ def reference_logps(trainer: Trainer, params, arrays: dict[str, np.ndarray]) -> 
 
 
 def finetune(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Fine-tunes `finetune.init` with `finetune.method` into `workdir`; returns a summary."""
+    """Fine-tunes `finetune.init` with `finetune.method` into `workdir`; returns a summary.
+    Holds the workdir's lock throughout (a second run on it stops at once)."""
     distributed.initialize()
-    with StopRequests() as stop:
+    with StopRequests() as stop, workdir_lock.hold(workdir):
         summary = _finetune(cfg, workdir, stop)
     return summary
 

@@ -32,6 +32,7 @@ from lm.data.packed import (
 from lm.errors import ConfigError
 from lm.models.transformer import ModelConfig
 from lm.tokenizer.vocab import load_vocab
+from lm.training import lock as workdir_lock
 from lm.training.checkpoint import Checkpointer
 from lm.training.evaluate import evaluate
 from lm.training.finish import finish_run
@@ -69,9 +70,10 @@ def train(
 ) -> dict[str, Any]:
     """Trains `cfg` in `workdir` (resuming if it holds checkpoints); returns a summary.
     `initial_params` (continued pretraining from a checkpoint) replace the fresh init; the
-    summary then also holds their validation as "validation_before"."""
+    summary then also holds their validation as "validation_before". Holds the workdir's
+    lock throughout (a second run on it stops at once; lm/training/lock.py)."""
     init_distributed()
-    with StopRequests() as stop:
+    with StopRequests() as stop, workdir_lock.hold(workdir):
         return _train(cfg, workdir, stop, initial_params)
 
 

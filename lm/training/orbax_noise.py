@@ -1,0 +1,83 @@
+"""What orbax and tensorstore print when a checkpoint read or write fails, reduced to the one
+line `Checkpointer` reports itself.
+
+Why there is noise at all: orbax runs a restore or a save as many concurrent tensorstore
+operations gathered on a fresh asyncio loop, and closes the loop as soon as the first one
+fails. The others still complete later, on tensorstore's threads, and their completion
+callbacks (`loop.call_soon_threadsafe`) find the loop closed: tensorstore reports each as an
+"unraisable" `RuntimeError: Event loop is closed` traceback (111-196 of them for one corrupt
+checkpoint), and asyncio logs the gathered future's "exception was never retrieved". A failed
+asynchronous save also logs the same error once per orbax thread, with a traceback each.
+
+Nothing in those reports is lost information: the failing operation's error reaches
+`Checkpointer`, which turns it into one warning (an unreadable checkpoint, then skipped) or one
+`CheckpointError` line (a failed save). Checksums (lm/training/checksums.py) keep orbax from
+reading a damaged checkpoint at all; this module handles the rest (checkpoints written before
+checksums existed, a disk that fills during a save). Each filter matches only these reports:
+orbax's own error records, and tracebacks that pass through orbax or tensorstore.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+
+_installed = False
+suppressed: list[str] = []  # first lines of the orbax error records dropped, for one summary
+
+
+def _from_checkpoint_io(tb) -> bool:
+    """Whether a traceback passes through orbax or tensorstore code."""
+    files = [frame.filename.replace("\\", "/") for frame, _ in traceback.walk_tb(tb)]
+    return any("/orbax/" in f or "/tensorstore/" in f for f in files)
+
+
+def _late_loop_callback(unraisable) -> bool:
+    """An abandoned operation's completion callback that found its event loop closed."""
+    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != (
+        "Event loop is closed"
+    ):
+        return False
+    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in names
+
+
+class _OrbaxErrors(logging.Filter):
+    """Drops orbax's per-thread ERROR records (with tracebacks) of a failed operation; the
+    failure itself propagates to Checkpointer, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "/orbax/" not in record.pathname.replace("\\", "/"):
+            return True
+        if len(suppressed) < 100:
+            suppressed.append(record.getMessage().splitlines()[0][:300] if record.msg else "")
+        return False
+
+
+class _NeverRetrieved(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" for a gathered orbax/tensorstore
+    operation abandoned when its loop closed (its error was already raised once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "exception was never retrieved" not in str(record.msg):
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not _from_checkpoint_io(exc.__traceback__)
+
+
+def install() -> None:
+    """Installs the filters once per process (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not _late_loop_callback(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_OrbaxErrors())
+    logging.getLogger("asyncio").addFilter(_NeverRetrieved())
