@@ -197,21 +197,18 @@ def write_report(workdir: str, cfg, record: dict) -> str | None:
 def summary_lines(record: dict, report: str | None) -> list[str]:
     """What `lm finetune` prints: each validation metric before -> after, then counts."""
     metrics, count = _metric_rows(record)
-    lines = [
-        f"{'validation ' + k:28s} {_number(b) if b is not None else 'n/a':>10s} -> "
-        f"{_number(a):>10s}"
+    rows = [
+        (f"validation {k}", f"{_number(b) if b is not None else 'n/a':>10s} -> {_number(a):>10s}")
         for k, b, a in metrics
     ]
     if count:
-        lines.append(f"{count[0]:28s} {count[1]:>10,}")
+        rows.append((count[0], f"{count[1]:>10,}"))
     data = record.get("data") or {}
-    for key, value in data.items():
-        if not isinstance(value, dict):
-            lines.append(f"{key.replace('_', ' '):28s} {value:>10,}")
+    rows += [(k.replace("_", " "), f"{v:>10,}") for k, v in data.items() if not isinstance(v, dict)]
     rejected = data.get("rejected") or {}
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
     total = f"{sum(rejected.values()):>10,}"
-    lines.append(f"{'rejected records':28s} {total}" + (f"  ({reasons})" if reasons else ""))
-    if report:
-        lines.append(f"report: {report}")
-    return lines
+    rows.append(("rejected records", total + (f"  ({reasons})" if reasons else "")))
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:{width}s} {value}" for label, value in rows]
+    return lines + ([f"report: {report}"] if report else [])
