@@ -120,18 +120,19 @@ def cmd_finetune(args, overrides) -> int:
 
 
 def cmd_tokenizer_train(args, overrides) -> int:
+    # TensorFlow-free (sentencepiece alone), so none of its start-up lines are printed.
     from lm.config import get_config
     from lm.data.documents import iter_documents
-    from lm.tokenizer.sentencepiece_tokenizer import (
-        compression_report,
-        load_vocabulary,
-        train_tokenizer,
-    )
+    from lm.stages import stage
+    from lm.tokenizer.sentencepiece_tokenizer import compression_report, train_tokenizer
+    from lm.tokenizer.vocab import load_vocab
 
     cfg = get_config(args.experiment, overrides)
-    path = train_tokenizer(cfg.data, cfg.tokenizer, args.output)
-    vocab = load_vocabulary(path)
-    report = compression_report(vocab, iter_documents(cfg.data, "validation"))
+    with stage("training the tokenizer"):
+        path = train_tokenizer(cfg.data, cfg.tokenizer, args.output)
+    vocab = load_vocab(path)
+    with stage("measuring held-out compression"):
+        report = compression_report(vocab, iter_documents(cfg.data, "validation"))
     print(f"tokenizer: {path} ({cfg.tokenizer.kind}, vocab {vocab.vocab_size})")
     print(
         f"held-out compression: {report['bytes_per_token']:.3f} bytes/token "

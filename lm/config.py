@@ -18,6 +18,7 @@ from types import ModuleType
 import ml_collections
 
 import experiments
+from lm.config_checks import check_values
 from lm.data.sources import COMPONENT_KEYS, DOC_KEYS
 from lm.errors import ConfigError
 
@@ -363,6 +364,12 @@ def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _a_type(value: object) -> str:
+    """ "an int", "a float", "a tuple": the type of `value` with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def _parse_value(text: str, current: object, key: str) -> object:
     """Parses `text` into the type of `current`, or raises ConfigError naming `key`."""
     if isinstance(current, bool):
@@ -377,15 +384,13 @@ def _parse_value(text: str, current: object, key: str) -> object:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise ConfigError(
-            f"--config.{key} expects a {type(current).__name__}, got {text!r}"
-        ) from None
+        raise ConfigError(f"--config.{key} expects {_a_type(current)}, got {text!r}") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     if current is not None and not isinstance(value, type(current)):
-        raise ConfigError(f"--config.{key} expects a {type(current).__name__}, got {text!r}")
+        raise ConfigError(f"--config.{key} expects {_a_type(current)}, got {text!r}")
     return value
 
 
@@ -424,8 +429,10 @@ def apply_overrides(
 
 
 def get_config(name: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """The config of experiment `name` with `overrides` applied."""
-    return apply_overrides(load_experiment(name), overrides)
+    """The config of experiment `name` with `overrides` applied, its values checked."""
+    cfg = apply_overrides(load_experiment(name), overrides)
+    check_values(cfg)
+    return cfg
 
 
 def get_config_with(name: str, values: dict[str, object]) -> ml_collections.ConfigDict:

@@ -44,6 +44,34 @@ def test_experiments_lists_every_shipped_name(capsys):
             ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.eval_every=0"],
             "train.eval_every=0 must be >= 1",
         ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.steps=-5"],
+            "--config.train.steps=-5 must be >= 1",
+        ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.steps=many"],
+            "--config.train.steps expects an int, got 'many'",
+        ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.optim.lr=-0.1"],
+            "--config.optim.lr=-0.1 must be >= 0",
+        ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.optim.b2=1.5"],
+            "--config.optim.b2=1.5 must be < 1",
+        ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.batch_size=0"],
+            "--config.data.batch_size=0 must be >= 1",
+        ),
+        (
+            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.source=jsnol"],
+            "--config.data.source='jsnol' must be one of stdlib, text, dir, jsonl",
+        ),
+        (
+            ["tokenizer", "train", "--experiment=tiny", "--output=/x", "--config.data.source=x"],
+            "--config.data.source='x' must be one of",
+        ),
     ],
 )
 def test_user_errors_are_one_line(argv, message, capsys):
@@ -92,3 +120,80 @@ def test_job_flags_set_the_job_variables_and_bad_ones_are_one_line(monkeypatch, 
     assert main([*flags, "train", "--experiment=tiny", "--workdir=/tmp/never"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: LM_PROCESS_ID=5 must be in [0, LM_NUM_PROCESSES=2)", err
+
+
+def _tree(root) -> dict[str, tuple[int, int, bytes]]:
+    """Every file under `root`: (size, mtime in ns, first bytes): what a write would change."""
+    import os
+
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns, f.read(4096))
+    return out
+
+
+@pytest.fixture
+def finished_run(tiny_workdir, tmp_path):
+    """A copy of the shared 30-step run, and the flags that re-run it with its own tokenizer and
+    packs (so no re-packing), for tests that must not touch the shared run itself."""
+    import os
+    import shutil
+
+    from tests.conftest import tiny_train_argv
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_workdir, workdir)
+    same = [
+        f"--config.tokenizer.path={os.path.join(tiny_workdir, 'tokenizer', 'spm.model')}",
+        f"--config.data.cache_dir={os.path.join(tiny_workdir, 'data_cache')}",
+    ]
+    corpus = _saved(tiny_workdir)["data"]["path"]  # the same file: the same pack key
+    return workdir, tiny_train_argv(workdir, corpus, *same)
+
+
+def _saved(workdir) -> dict:
+    import json
+    import os
+
+    return json.load(open(os.path.join(workdir, "config.json")))
+
+
+def test_a_rerun_with_another_model_fails_before_touching_the_run(finished_run, capsys):
+    """A mistyped model override on a finished run: the one-line shape error, and not one file
+    of the run written (config.json stays the run's), so `lm sample` still works on it."""
+    workdir, argv = finished_run
+    before = _tree(workdir)
+    assert main([*argv, "--config.model.d_model=96"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: checkpoint 30 in ") and "does not match" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assert _tree(workdir) == before
+    assert _saved(workdir)["model"]["d_model"] == 64
+    assert main(["sample", f"--workdir={workdir}", "--prompt=the ", "--max_new_tokens=4"]) == 0
+    assert capsys.readouterr().out.startswith("the ")
+
+
+def test_a_resumed_run_reports_validation_phases_and_keeps_other_sections(finished_run, capsys):
+    """Resuming 30 -> 40 steps: the validation result is a console line, config.json becomes
+    the run's new config, and report.md keeps the Evaluation section `lm eval` wrote while the
+    training section gains every phase with its time."""
+    import os
+
+    from lm.training.report import write_report_section
+
+    workdir, argv = finished_run
+    write_report_section(workdir, "evaluation", "## Evaluation\n\n| t | acc | 0.5 |")
+    steps = [a for a in argv if not a.startswith("--config.train.steps=")]
+    assert main([*steps, "--config.train.steps=40", "--config.train.eval_every=40"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("validation step 40: loss ") for line in out.splitlines()), out
+    assert _saved(workdir)["train"]["steps"] == 40
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert report.count("## Evaluation") == 1 and "| t | acc | 0.5 |" in report
+    assert report.index("## Summary") < report.index("## Evaluation") < report.index("## Config")
+    for phase in ("compiling the train step", "training steps 30-40", "whole command"):
+        assert f"| {phase} |" in report or f"| **{phase}** |" in report, phase

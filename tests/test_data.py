@@ -424,3 +424,127 @@ def test_no_import_cycles():
     assert not any(
         d == "lm.cli" for m, deps in graph.items() if m.startswith("lm.data") for d in deps
     )
+
+
+def _jsonl_cfg(path):
+    cfg = default_config()
+    cfg.data.update(source="jsonl", path=str(path), validation_fraction=0.0)
+    return cfg
+
+
+def test_a_bad_jsonl_line_names_file_line_and_the_whole_reason(tmp_path):
+    """Malformed JSON, invalid UTF-8 and hostile nesting each stop the read with one line that
+    names the file and line (and the column or byte); a leading BOM is not content."""
+    path = tmp_path / "bad.jsonl"
+    good = b'\xef\xbb\xbf{"text": "with a BOM"}\n'
+    path.write_bytes(good + b'{"text": "tab\there"}\n')  # a raw tab at column 14
+    with pytest.raises(DataError) as e:
+        list(iter_documents(_jsonl_cfg(path).data, "train"))
+    assert str(e.value) == (
+        f"{path}:2: malformed JSON: Invalid control character at line 1 column 14"
+    )
+    path.write_bytes(good + b'{"text": "caf\xe9"}\n')  # the 14th byte, offset 13
+    with pytest.raises(DataError) as e:
+        list(iter_documents(_jsonl_cfg(path).data, "train"))
+    assert str(e.value) == f"{path}:2: invalid UTF-8 at byte 13"
+    path.write_bytes(good + b"[" * 100_000 + b"\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: JSON nested deeper than 64 levels"):
+        list(iter_documents(_jsonl_cfg(path).data, "train"))
+    path.write_bytes(good)
+    assert list(iter_documents(_jsonl_cfg(path).data, "train")) == ["with a BOM"]
+
+
+def test_text_that_is_not_utf8_is_rejected_never_guessed(tmp_path, caplog):
+    """The only input file: a one-line error with the byte offset. One of several: skipped with
+    a warning naming it and counted; the others train. Never decoded as another encoding."""
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes("ok text\ncafé au lait\n".encode("cp1252"))  # é is byte 11
+    cfg = default_config()
+    cfg.data.update(source="text", path=str(bad), validation_fraction=0.0)
+    with pytest.raises(DataError) as e:
+        list(iter_documents(cfg.data, "train"))
+    assert str(e.value).startswith(f"{bad}: not valid UTF-8 at byte 11 (0xe9)")
+    good = tmp_path / "good.txt"
+    good.write_text("plain UTF-8 text, café\n")
+    cfg.data.path = f"{good},{bad}"
+    with caplog.at_level("WARNING"):
+        assert list(iter_documents(cfg.data, "train")) == ["plain UTF-8 text, café\n"]
+    assert sources.last_skip_stats.not_utf8 == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"data: skipped {bad}: not valid UTF-8 at byte 11 (0xe9)"
+    ]
+
+
+def test_dir_source_warns_of_skipped_files_and_never_blocks_on_a_fifo(tmp_path, caplog):
+    import threading
+
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_bytes(b"beta \xff")
+    os.mkfifo(tmp_path / "c.txt")  # open().read() on it would wait for a writer forever
+    cfg = default_config()
+    cfg.data.update(source="dir", path=str(tmp_path), include="*.txt", validation_fraction=0.0)
+    found = []
+    with caplog.at_level("WARNING"):
+        reader = threading.Thread(
+            target=lambda: found.extend(iter_documents(cfg.data, "train")), daemon=True
+        )
+        reader.start()
+        reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader blocked on the FIFO"
+    assert found == ["alpha"]
+    assert sources.last_skip_stats.not_utf8 == 1 and sources.last_skip_stats.unreadable == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"data: skipped {tmp_path / 'b.txt'}: not valid UTF-8 at byte 5 (0xff)"]
+
+
+def test_the_packing_process_reports_a_wrapped_data_error_as_one_line(
+    corpus, tmp_path, capsys, monkeypatch
+):
+    """A bad JSONL line first read inside the tf.data pipeline (the tokenizer exists, so no
+    tokenizer training reads it first) comes out of `lm data pack` as one line, exit 2, with
+    the phases announced for the parent."""
+    from lm.data.pack import main as pack_main
+
+    _, vocab, _ = corpus
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(8)) + "{oops\n")
+    groups = {"data": default_config().data.to_dict(), "tokenizer": {}}
+    groups["data"].update(source="jsonl", path=str(path), seq_len=SEQ, validation_fraction=0.0)
+    groups["tokenizer"] = {**default_config().tokenizer.to_dict(), "vocab_size": 100}
+    groups["tokenizer"]["path"] = vocab.sentencepiece_model_file
+    monkeypatch.setenv("LM_PACK_PHASES", "1")  # as ensure_packed sets it (packed.PHASES_ENV)
+    code = pack_main([f"--workdir={tmp_path / 'w'}", f"--config-json={json.dumps(groups)}"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert err[-1] == f"lm data error: {path}:9: malformed JSON: Expecting property name " + (
+        "enclosed in double quotes at line 1 column 2"
+    )
+    assert "lm-phase: begin packing the train split" in err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_the_packing_process_phases_become_stages_and_its_logs_are_relayed(capsys):
+    import sys
+
+    from lm import stages
+
+    child = (
+        "import sys, time\n"
+        "print('lm-phase: begin training the tokenizer', file=sys.stderr, flush=True)\n"
+        "time.sleep(0.3)\n"
+        "print('12:00:00 WARNING data: skipped x.txt', file=sys.stderr, flush=True)\n"
+        "print('lm-phase: end training the tokenizer', file=sys.stderr, flush=True)\n"
+        "print('I0000 noise from a C++ library', file=sys.stderr, flush=True)\n"
+    )
+    first = len(stages.timings())
+    code, output = packed._run_packer([sys.executable, "-c", child], dict(os.environ))
+    names = [name for name, _ in stages.timings()[first:]]
+    assert code == 0
+    assert names == [
+        "starting the data process",
+        "training the tokenizer",
+        "closing the data process",
+    ]
+    assert stages.timings()[first + 1][1] >= 0.3
+    assert capsys.readouterr().err == "12:00:00 WARNING data: skipped x.txt\n"
+    assert output == ["12:00:00 WARNING data: skipped x.txt", "I0000 noise from a C++ library"]

@@ -144,3 +144,26 @@ def test_training_is_deterministic(bpe, tmp_path):
     again = train_tokenizer(cfg.data, cfg.tokenizer, str(tmp_path / "again"))
     with open(path, "rb") as a, open(again, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_tokenizer_train_command_prints_no_tensorflow_or_cuda_lines(tmp_path):
+    """`lm tokenizer train` as a new user runs it (no TF_CPP_MIN_LOG_LEVEL in the environment):
+    its stderr holds none of TensorFlow's start-up lines (absl, oneDNN, cuda drivers, cuInit)."""
+    import subprocess
+    import sys
+
+    corpus = write_corpus(tmp_path / "corpus")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    cmd = [sys.executable, "-m", "lm.cli", "tokenizer", "train", "--experiment=tiny"]
+    args = [
+        f"--output={tmp_path / 'tok'}",
+        "--config.data.source=dir",
+        f"--config.data.path={corpus}",
+        "--config.tokenizer.vocab_size=300",
+        "--config.tokenizer.byte_fallback=false",
+    ]
+    result = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"tokenizer: {tmp_path / 'tok' / 'spm.model'} (bpe, vocab 300)")
+    noise = ("I0000", "W0000", "E0000", "absl::InitializeLog", "cuInit", "cuda", "oneDNN")
+    assert [line for line in result.stderr.splitlines() if any(n in line for n in noise)] == []

@@ -15,20 +15,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import ml_collections
 import numpy as np
 
-from lm import storage
+from lm import stages, storage
 from lm.data import curriculum as curriculum_lib
 from lm.data.grain_pipeline import GlobalSampler, GrainBatchIterator, batch_features, decode_row
 from lm.errors import DataError
+from lm.stages import LIVE, stage
 
 PACK_VERSION = 3
 SPLITS = ("train", "validation")
 ERROR_PREFIX = "lm data error: "
+# The packing process announces its phases on stderr when this is "1" (lm/data/pack.py).
+PHASES_ENV = "LM_PACK_PHASES"
+PHASE_PREFIX = "lm-phase: "
+# A log line of the packing process (lm.cli.quiet_logs' format), relayed to this one's stderr.
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) ")
 
 
 def cache_root(cfg: ml_collections.ConfigDict, workdir: str) -> str:
@@ -79,19 +87,81 @@ def is_packed(cfg: ml_collections.ConfigDict, workdir: str) -> bool:
 
 def ensure_packed(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs `lm data pack` in a subprocess when any pack (or the tokenizer) is missing; a
-    DataError there is raised here as a one-line DataError."""
+    user error there is raised here as a one-line DataError.
+
+    The child's phases (loading TensorFlow, training the tokenizer, packing each split) become
+    stages of this process, shown live on a terminal and named with their times in the
+    report; its log lines (what it trained, packed or skipped) are relayed to stderr."""
     if is_packed(cfg, workdir):
         return
     overrides = json.dumps({"data": cfg.data.to_dict(), "tokenizer": cfg.tokenizer.to_dict()})
     cmd = [sys.executable, "-m", "lm.cli", "data", "pack", f"--workdir={workdir}"]
-    child = subprocess.run(
-        cmd + [f"--config-json={overrides}"], text=True, capture_output=True, check=False
-    )
-    for line in child.stderr.splitlines():
+    env = {**os.environ, PHASES_ENV: "1"}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    returncode, output = _run_packer([*cmd, f"--config-json={overrides}"], env)
+    for line in output:
         if line.startswith(ERROR_PREFIX):
             raise DataError(line[len(ERROR_PREFIX) :])
-    if child.returncode or not is_packed(cfg, workdir):
-        raise RuntimeError(f"lm data pack failed:\n{child.stderr[-3000:]}")
+    if returncode or not is_packed(cfg, workdir):
+        tail = "\n".join(output)[-3000:]
+        raise RuntimeError(f"lm data pack failed (exit status {returncode}):\n{tail}")
+
+
+class _Phases:
+    """The stage of this process standing for the packing process's current phase."""
+
+    def __init__(self) -> None:
+        self._open = None
+
+    def begin(self, name: str) -> None:
+        self.end()
+        self._open = stage(name)
+        self._open.__enter__()
+
+    def end(self) -> None:
+        if self._open is not None:
+            opened, self._open = self._open, None
+            opened.__exit__(None, None, None)
+
+
+def _run_packer(cmd: list[str], env: dict) -> tuple[int, list[str]]:
+    """Runs the packing process; returns (exit status, its output lines but the phase lines).
+
+    Until its first phase, the time is "starting the data process" (the interpreter and
+    imports of a fresh process); after its last, "closing the data process" (writing the plan,
+    TensorFlow's shutdown)."""
+    phases, output = _Phases(), []
+    phases.begin("starting the data process")
+    last_end = None
+    child = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+    )
+    try:
+        for raw in child.stdout:
+            line = raw.rstrip("\n")
+            if line.startswith(PHASE_PREFIX):
+                kind, _, name = line[len(PHASE_PREFIX) :].partition(" ")
+                if kind == "begin":
+                    phases.begin(name)
+                else:
+                    phases.end()
+                    last_end = time.monotonic()
+                continue
+            output.append(line)
+            if _LOG_LINE.match(line):
+                LIVE.end()
+                sys.stderr.write(line + "\n")
+                sys.stderr.flush()
+        returncode = child.wait()
+        if last_end is not None:
+            stages.record("closing the data process", time.monotonic() - last_end)
+        return returncode, output
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    finally:
+        phases.end()
 
 
 def read_plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -22,15 +22,17 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
-import json
 import logging
 import os
+import sys
 import sysconfig
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import ml_collections
 
+from lm import jsonio, storage
 from lm.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -47,6 +49,8 @@ DOC_KEYS = (
     "max_file_bytes",
     "validation_fraction",
 )
+# Every value data.source may take: the readers below, seqio tasks and mixtures.
+SOURCES = ("stdlib", "text", "dir", "jsonl", "tfds", "curated", "task", "mixture")
 # What a `data.mixture` component may set besides its rates: its documents, or a seqio task.
 COMPONENT_KEYS = (*DOC_KEYS, "task")
 # Target size of one document when a single big text file is cut into documents.
@@ -65,29 +69,64 @@ class DocRef:
 
 @dataclass
 class SkipStats:
-    """Counts of files skipped while reading (non-UTF-8, over max_file_bytes, unreadable)."""
+    """Counts of files skipped while reading (non-UTF-8, over max_file_bytes, unreadable or not
+    a regular file), and "path at byte N" for the first few that are not UTF-8."""
 
     not_utf8: int = 0
     too_big: int = 0
     unreadable: int = 0
+    not_utf8_examples: list[str] = field(default_factory=list)
 
 
 # Updated by the file readers; tests and logs read it. Reset per `iter_source_documents` call.
 last_skip_stats = SkipStats()
+# Files already named in a warning: the tokenizer and every packed split read the same files,
+# and one warning per file is enough.
+_WARNED: set[str] = set()
+_TF = None
+
+
+@contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 points at /dev/null inside the block (C++ libraries write there
+    directly, past Python's sys.stderr)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no stderr to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def tf_cpu_only():
-    """Imports TensorFlow with GPUs hidden (JAX owns the accelerators) and returns it.
+    """Imports TensorFlow quietly with GPUs hidden (JAX owns the accelerators); returns it.
 
-    Must run before TF's first op; later calls are no-ops.
+    Quietly: TensorFlow 2.19+ writes its start-up lines (oneDNN, "Could not find cuda drivers",
+    "failed call to cuInit") to stderr before its log level applies, whatever
+    TF_CPP_MIN_LOG_LEVEL says, so they go to /dev/null while TF loads and hides the GPUs; an
+    import error still raises. Must run before TF's first op; later calls are no-ops.
     """
-    import tensorflow as tf
+    global _TF
+    if _TF is None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        with _stderr_silenced():
+            import tensorflow as tf
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # Devices already initialized by an earlier TF op.
-        pass
-    return tf
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:  # Devices already initialized by an earlier TF op.
+                pass
+        _TF = tf
+    return _TF
 
 
 def _split_of(key: str, validation_fraction: float) -> str:
@@ -120,21 +159,47 @@ def _missing(path: str) -> DataError:
     return DataError(f"data path {path!r} does not exist (set by --config.data.path)")
 
 
-def _read_file(path: str, max_bytes: int, stats: SkipStats) -> str | None:
-    """The file's text, or None (counted in `stats`) if it is too big or not UTF-8."""
+def decode_utf8(raw: bytes, name: str) -> str:
+    """`raw` as UTF-8 text, or a DataError naming `name` and the byte offset of the first
+    invalid byte. Never a guessed encoding: text decoded as cp1252 by mistake would be trained
+    on as mojibake; `lm data run` detects legacy encodings and reports what it converted."""
     try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{name}: not valid UTF-8 at byte {e.start} (0x{raw[e.start]:02x}); convert it to "
+            "UTF-8 first (e.g. iconv, or `lm data run`, which detects legacy encodings)"
+        ) from None
+
+
+def _read_file(path: str, max_bytes: int, stats: SkipStats) -> str | None:
+    """The file's text, or None (counted in `stats`) if it is too big, not UTF-8, unreadable or
+    not a regular file (a FIFO would block the read forever)."""
+    try:
+        if not storage.is_regular_file(path):
+            stats.unreadable += 1
+            return None
         if max_bytes and os.path.getsize(path) > max_bytes:
             stats.too_big += 1
             return None
         with open(path, "rb") as f:
             raw = f.read()
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
+        return decode_utf8(raw, path)
+    except DataError as e:
         stats.not_utf8 += 1
+        if len(stats.not_utf8_examples) < 3:
+            stats.not_utf8_examples.append(str(e).split(";")[0].replace(": not valid UTF-8", ""))
+        _warn_once(path, f"data: skipped {e}".split(";")[0])
         return None
     except OSError:
         stats.unreadable += 1
         return None
+
+
+def _warn_once(path: str, message: str) -> None:
+    if path not in _WARNED:
+        _WARNED.add(path)
+        logging.warning("%s", message)
 
 
 def _file_refs(root: str, rels: list[str], max_bytes: int, stats: SkipStats) -> list[DocRef]:
@@ -184,7 +249,8 @@ def _dir_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[Doc
 
 
 def _expand_paths(spec: str) -> list[str]:
-    """Comma-separated files or globs -> sorted existing files; a missing one is an error."""
+    """Comma-separated files or globs -> sorted existing files; a missing one is an error, and
+    so is one that is not a regular file (a FIFO or device would block the reader)."""
     out = []
     for item in _globs(spec):
         if any(ch in item for ch in "*?["):
@@ -192,12 +258,14 @@ def _expand_paths(spec: str) -> list[str]:
             if not found:
                 raise _missing(item)
             out.extend(found)
-        elif os.path.isfile(item):
-            out.append(item)
         elif os.path.isdir(item):
             raise DataError(f"{item!r} is a directory: use --config.data.source=dir")
+        elif os.path.lexists(item):
+            out.append(item)
         else:
             raise _missing(item)
+    for path in out:
+        storage.require_regular_file(path)
     return out
 
 
@@ -224,24 +292,36 @@ def chunk_text(text: str, target_bytes: int = TEXT_CHUNK_BYTES) -> list[str]:
 
 
 def _text_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[DocRef]:
+    """Each file cut into ~4 KB documents. A file that is not UTF-8 is an error when it is the
+    only input, else it is skipped with a warning naming it (and counted in `stats`)."""
+    paths = _expand_paths(_require_path(data_cfg))
     refs = []
-    for path in _expand_paths(_require_path(data_cfg)):
+    for path in paths:
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not valid UTF-8 text") from None
+            text = decode_utf8(raw, path)
+        except DataError as e:
+            if len(paths) == 1:
+                raise
+            stats.not_utf8 += 1
+            _warn_once(path, f"data: skipped {e}".split(";")[0])
+            continue
         base = os.path.basename(path)
         for i, chunk in enumerate(chunk_text(text)):
             refs.append(DocRef(f"{base}#{i}", lambda c=chunk: c))
+    if paths and stats.not_utf8 == len(paths):
+        raise DataError(f"none of the {len(paths)} files of data.path is valid UTF-8 text")
     return refs
 
 
-def _parse_jsonl_line(path: str, lineno: int, line: str, field: str) -> str:
+def _parse_jsonl_line(path: str, lineno: int, line: bytes, field: str) -> str:
+    """The `field` of one JSONL line, or a DataError naming the file and line (malformed or
+    too deeply nested JSON, invalid UTF-8, no such string field)."""
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
+        obj = jsonio.loads(line.removeprefix(b"\xef\xbb\xbf"))  # a BOM is not content
+    except jsonio.JSONError as e:
+        raise DataError(f"{path}:{lineno}: {e}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
         raise DataError(
             f"{path}:{lineno}: no string field {field!r} (set --config.data.jsonl_field)"
@@ -259,7 +339,7 @@ def _iter_jsonl(
     index = position = 0
     for path in paths:
         base = os.path.basename(path)
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, not a crash
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -400,7 +480,9 @@ def iter_source_documents(
             yield text
     if stats.not_utf8 or stats.too_big or stats.unreadable:
         logging.info(
-            "data: skipped %d non-UTF-8, %d unreadable and %d oversized files (max_file_bytes=%d)",
+            "data: %s split: skipped %d non-UTF-8, %d unreadable or not regular and %d "
+            "oversized files (max_file_bytes=%d)",
+            split,
             stats.not_utf8,
             stats.unreadable,
             stats.too_big,

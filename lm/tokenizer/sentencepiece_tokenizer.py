@@ -5,6 +5,10 @@ expects pad=0, eos=1, unk=2), followed by the configured special tokens (e.g. ch
 user-defined symbols, so special ids never depend on the training text. Normalization is the
 identity and whitespace is kept verbatim, so decode(encode(text)) == text for source code with
 newlines, tabs and indentation (a tab is its own piece, id 4 + len(special_tokens)).
+
+Training and measuring a tokenizer needs neither TensorFlow nor seqio (`lm tokenizer train` loads
+neither, so it prints none of their start-up lines); only `load_vocabulary`, for the packing
+pipeline, imports them.
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import ml_collections
 import sentencepiece as spm
-import seqio
 
 from lm import storage
 from lm.data.documents import iter_documents
 from lm.data.sources import tf_cpu_only
 from lm.errors import DataError
+
+if TYPE_CHECKING:
+    import seqio
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
 MODEL_NAME = "spm.model"
@@ -141,10 +148,12 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
     """
     from lm.tokenizer.hf_vocab import is_hf_tokenizer
 
+    tf_cpu_only()  # TensorFlow loads quietly, with the GPUs hidden, before seqio imports it
+    import seqio
+
     if is_hf_tokenizer(path):
         from lm.tokenizer.hf_seqio import HFSeqioVocabulary
 
-        tf_cpu_only()
         return HFSeqioVocabulary(path, extra_ids)
     if storage.isdir(path):
         path = storage.join(path, MODEL_NAME)
@@ -152,7 +161,7 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
         raise FileNotFoundError(
             f"SentencePiece model {path!r} not found (set --config.tokenizer.path or train one)"
         )
-    tf_cpu_only()  # seqio reads the model through tf.io.gfile: give it a local copy.
+    # seqio reads the model through tf.io.gfile: give it a local copy.
     vocab = seqio.SentencePieceVocabulary(storage.local_copy(path), extra_ids=extra_ids)
     try:
         vocab.load_model()
@@ -161,15 +170,15 @@ def load_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabul
     return vocab
 
 
-def compression_report(vocab: seqio.Vocabulary, texts: Iterable[str]) -> dict:
-    """How well `vocab` compresses `texts` (use held-out text, e.g. the validation split).
+def compression_report(vocab, texts: Iterable[str]) -> dict:
+    """How well `vocab` (anything with `encode(text) -> ids`: lm.tokenizer.vocab's or seqio's)
+    compresses `texts` (use held-out text, e.g. the validation split).
 
     Returns {"documents", "bytes", "tokens", "bytes_per_token", "unk_tokens", "unk_rate"}.
     """
-    tokenizer = vocab.tokenizer
     docs = n_bytes = n_tokens = n_unk = 0
     for text in texts:
-        ids = tokenizer.encode(text)
+        ids = list(vocab.encode(text))
         docs += 1
         n_bytes += len(text.encode("utf-8"))
         n_tokens += len(ids)

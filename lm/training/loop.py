@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import distributed, sharding, storage
+from lm import distributed, sharding, stages, storage
 from lm.data.curriculum import Curriculum
 from lm.data.packed import (
     ensure_packed,
@@ -29,8 +29,8 @@ from lm.data.packed import (
     tokenizer_file,
     validation_bytes_per_token,
 )
-from lm.errors import ConfigError
 from lm.models.transformer import ModelConfig
+from lm.stages import stage
 from lm.tokenizer.vocab import load_vocab
 from lm.training import lock as workdir_lock
 from lm.training.checkpoint import Checkpointer
@@ -42,6 +42,7 @@ from lm.training.peaks import mfu, peak_flops_per_device
 from lm.training.progress import ProgressLine
 from lm.training.restore import restore_params
 from lm.training.setup import (
+    check_checkpoints_fit,
     load_run_config,
     refuse_quantized_workdir,
     save_config,
@@ -80,11 +81,20 @@ def train(
 def _train(
     cfg: ml_collections.ConfigDict, workdir: str, stop: StopRequests, initial_params: Any = None
 ) -> dict[str, Any]:
-    storage.makedirs(workdir)
+    clock = _run_clock()
     primary = jax.process_index() == 0
-    mesh = sharding.make_mesh(cfg.mesh)
-    validate(cfg, mesh)
-    refuse_quantized_workdir(workdir)
+    # Everything that can be checked is checked before anything is written to the workdir, so a
+    # mistyped override on a finished run fails with one line and leaves the run as it was.
+    with stage("checking the config and the devices"):
+        mesh = sharding.make_mesh(cfg.mesh)
+        validate(cfg, mesh)
+        refuse_quantized_workdir(workdir)
+    vocab_path = tokenizer_path(cfg, workdir)
+    built = None
+    if storage.exists(vocab_path):  # a run being resumed, or a configured tokenizer
+        built = _build_trainer(cfg, vocab_path, mesh)
+        _check_checkpoints(workdir, built[0])
+    storage.makedirs(workdir)
     # One host packs the data (and trains the tokenizer) apart while the others wait; then a
     # host that does not share its workdir with host 0 (a local disk) packs its own copy.
     if primary:
@@ -92,17 +102,90 @@ def _train(
     distributed.barrier("lm-data")
     if not primary:
         ensure_packed(cfg, workdir)
-    vocab_path = tokenizer_path(cfg, workdir)
+    if built is None:  # the tokenizer was trained just now (or checkpoints lost theirs)
+        built = _build_trainer(cfg, vocab_path, mesh)
+        _check_checkpoints(workdir, built[0])
+    trainer, model_cfg, vocab = built
     cfg.tokenizer.path = storage.absolute(vocab_path)
-    vocab = load_vocab(vocab_path, cfg.tokenizer.extra_ids)
-    model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}"
-        )
-    if cfg.data.batch_size % cfg.optim.grad_accum_steps:
-        raise ConfigError("data.batch_size must be a multiple of optim.grad_accum_steps")
     curriculum = Curriculum.from_config(cfg)
+    _warn_uneven_calls(cfg)
+    if primary:
+        save_config(cfg, workdir)
+
+    logging.info("mesh %s; compiling the train step", dict(mesh.shape))
+    # AOT-compile the program most steps will run: the grouped one if any group runs at all.
+    per_call = cfg.train.steps_per_call
+    grouped = per_call > 1 and any(
+        steps_in_call(s, cfg, curriculum) > 1 for s in range(0, cfg.train.steps, per_call)
+    )
+    with stage("compiling the train step"):
+        compiled = trainer.compile(per_call if grouped else 1)
+    memory = compiled.memory_analysis()
+    if memory is not None and primary:
+        logging.info(
+            "train step memory per device: %.1f MiB temp, %.1f MiB args",
+            memory.temp_size_in_bytes / 2**20,
+            memory.argument_size_in_bytes / 2**20,
+        )
+
+    with stage("opening the training data"):
+        data_iter = make_train_iterator(
+            cfg, vocab, workdir, jax.process_index(), jax.process_count()
+        )
+    with stage("reading the validation batches"):
+        validation = pretraining_validation(cfg, workdir, trainer, vocab, data_iter.names)
+    initial_state = before = None
+    if initial_params is not None:
+        with stage("validating the initial parameters"):
+            before = validation(initial_params)
+
+        def initial_state():
+            return trainer.state_from_params(initial_params)
+
+    started = time.perf_counter()
+    state, summary = run_training(
+        cfg, workdir, trainer, data_iter, validation, stop, curriculum, initial_state
+    )
+    stages.record(
+        "restoring, saving and closing checkpoints",
+        time.perf_counter() - started - summary.get("loop_seconds", 0.0),
+    )
+    if before is not None:
+        summary["validation_before"] = before
+    summary.update(finish_run(cfg, workdir, trainer, state.params, model_cfg, vocab, clock))
+    if stop.agreed():  # a signal during the final evaluation or sampling
+        raise Preempted(stop.signum)
+    return summary
+
+
+def _run_clock() -> tuple[int, float]:
+    """(index of this run's first phase in `stages.timings()`, when the run started).
+
+    The first run of a process (`lm train`) counts from the process start, with the imports and
+    device set-up before it as a phase of their own; a later one (a test, the speedrun) from
+    now, so its report lists its own phases only."""
+    first = len(stages.timings())
+    if first == 0:
+        before = stages.since_start()
+        stages.record("starting up (imports, config, devices)", before)
+        return 0, time.time() - before
+    return first, time.time()
+
+
+def _build_trainer(cfg: ml_collections.ConfigDict, vocab_path: str, mesh) -> tuple:
+    """(Trainer, ModelConfig, vocabulary) for the configured model and tokenizer."""
+    with stage("building the model"):
+        vocab = load_vocab(vocab_path, cfg.tokenizer.extra_ids)
+        model_cfg = ModelConfig.from_config(cfg.model, vocab.vocab_size)
+        return Trainer(cfg, model_cfg, mesh), model_cfg, vocab
+
+
+def _check_checkpoints(workdir: str, trainer: Trainer) -> None:
+    with stage("checking the checkpoints against the model"):
+        check_checkpoints_fit(workdir, trainer.abstract_state)
+
+
+def _warn_uneven_calls(cfg: ml_collections.ConfigDict) -> None:
     uneven = [
         f"train.{key}={cfg.train[key]}"
         for key in ("log_every", "eval_every", "checkpoint_every")
@@ -115,43 +198,6 @@ def _train(
             cfg.train.steps_per_call,
             ", ".join(uneven),
         )
-    if primary:
-        save_config(cfg, workdir)
-
-    trainer = Trainer(cfg, model_cfg, mesh)
-    logging.info("mesh %s; compiling the train step", dict(mesh.shape))
-    # AOT-compile the program most steps will run: the grouped one if any group runs at all.
-    per_call = cfg.train.steps_per_call
-    grouped = per_call > 1 and any(
-        steps_in_call(s, cfg, curriculum) > 1 for s in range(0, cfg.train.steps, per_call)
-    )
-    compiled = trainer.compile(per_call if grouped else 1)
-    memory = compiled.memory_analysis()
-    if memory is not None and primary:
-        logging.info(
-            "train step memory per device: %.1f MiB temp, %.1f MiB args",
-            memory.temp_size_in_bytes / 2**20,
-            memory.argument_size_in_bytes / 2**20,
-        )
-
-    data_iter = make_train_iterator(cfg, vocab, workdir, jax.process_index(), jax.process_count())
-    validation = pretraining_validation(cfg, workdir, trainer, vocab, data_iter.names)
-    initial_state = before = None
-    if initial_params is not None:
-        before = validation(initial_params)
-
-        def initial_state():
-            return trainer.state_from_params(initial_params)
-
-    state, summary = run_training(
-        cfg, workdir, trainer, data_iter, validation, stop, curriculum, initial_state
-    )
-    if before is not None:
-        summary["validation_before"] = before
-    summary.update(finish_run(cfg, workdir, trainer, state.params, model_cfg, vocab))
-    if stop.agreed():  # a signal during the final evaluation or sampling
-        raise Preempted(stop.signum)
-    return summary
 
 
 def pretraining_validation(cfg, workdir, trainer, vocab, names) -> Callable[[Any], dict]:
@@ -232,8 +278,13 @@ def _loop(cfg, workdir, trainer, curriculum, state, start, data_iter, ckpt, writ
     guard = SkipGuard(cfg.optim.get("max_consecutive_skips", 20))
 
     def validation():
-        return validate(state.params)
+        """Validates the current params; the result also gets a line of its own on the
+        console (the progress line only shows train metrics)."""
+        result = validate(state.params)
+        progress.note(_validation_line(done, result))
+        return result
 
+    loop_start = time.perf_counter()
     throughput: list[float] = []
     summary: dict[str, Any] = {"resumed_from": start}
     t_last, step_last = time.perf_counter(), start
@@ -316,14 +367,30 @@ def _loop(cfg, workdir, trainer, curriculum, state, start, data_iter, ckpt, writ
         if profiling:
             jax.profiler.stop_trace()
         progress.close()
+    stages.record(f"training steps {start}-{done}", time.perf_counter() - loop_start)
     if "validation" not in summary:  # resumed from the final checkpoint
-        summary["validation"] = validation()
+        with stage("validating the final checkpoint"):
+            summary["validation"] = validation()
+    summary["loop_seconds"] = time.perf_counter() - loop_start  # the phases timed here
     summary.update(
         steps=cfg.train.steps,
         tokens_per_s_median=statistics.median(throughput) if throughput else math.nan,
         params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
     )
     return state, summary
+
+
+def _validation_line(step: int, val: dict) -> str:
+    """`validation step 200: loss 4.1234 perplexity 61.80 bits/byte 1.523`; an objective
+    without a loss (a reward model's accuracy) shows its first few numbers instead."""
+    shown = {"loss": ".4f", "perplexity": ".2f", "bits_per_byte": ".3f"}
+    keys = [k for k in shown if isinstance(val.get(k), float | int)]
+    if not keys:
+        keys = [k for k, v in val.items() if isinstance(v, float) and "/" not in k][:4]
+    parts = [
+        f"{k.replace('bits_per_byte', 'bits/byte')} {val[k]:{shown.get(k, '.4g')}}" for k in keys
+    ]
+    return f"validation step {step}: " + " ".join(parts)
 
 
 def _last_step(value: Any, count: int) -> float | list[float]:

@@ -10,6 +10,7 @@ from typing import Any
 import ml_collections
 
 from lm import storage
+from lm.config_checks import check_values
 from lm.data.curriculum import Curriculum
 from lm.data.objective_names import validate_objective
 from lm.errors import CheckpointError, ConfigError
@@ -29,7 +30,19 @@ class RestoredRun:
 
 
 def validate(cfg: ml_collections.ConfigDict, mesh) -> None:
-    """One-line ConfigErrors for settings that cannot train, before anything slow runs."""
+    """One-line ConfigErrors for settings that cannot train, before anything slow runs or
+    anything is written to the workdir."""
+    from lm.models.transformer import ModelConfig
+
+    check_values(cfg)
+    # The model group's choices, with a stand-in vocabulary size (the tokenizer may not exist
+    # yet): a typo in model.position fails now, not after the data is packed.
+    ModelConfig.from_config(cfg.model, cfg.model.vocab_size or cfg.tokenizer.vocab_size)
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    Curriculum.from_config(cfg)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if cfg.data.batch_size % (batch_shards * cfg.optim.grad_accum_steps):
         raise ConfigError(
@@ -95,3 +108,30 @@ def steps_in_call(step: int, cfg: ml_collections.ConfigDict, curriculum: Curricu
     ):
         return 1
     return k if curriculum.row_len(step) == curriculum.row_len(last) else 1
+
+
+def check_checkpoints_fit(workdir: str, abstract_state: Any) -> None:
+    """CheckpointError if the newest readable checkpoint in `workdir` holds another model than
+    `abstract_state`; nothing if there is none.
+
+    Why before anything is written: a mistyped override on a finished run
+    (`--config.model.d_model=96`) used to overwrite its config.json before the restore found the
+    mismatch, and every later `lm sample` / `lm eval` on the run failed. A checkpoint whose
+    metadata cannot be read is left to the restore, which moves it aside and tries the next."""
+    directory = storage.join(workdir, "checkpoints")
+    if not storage.exists(directory):
+        return
+    from lm.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, keep=1, async_save=False)
+    try:
+        for step in reversed(ckpt.steps()):
+            try:
+                ckpt.check_shapes(step, abstract_state)
+            except CheckpointError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable: the restore deals with it
+                continue
+            return
+    finally:
+        ckpt.close()
