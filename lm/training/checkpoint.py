@@ -34,7 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from lm import distributed, jsonio, storage
-from lm.errors import CheckpointError
+from lm.errors import CheckpointError, LMError
 from lm.training import checksums, orbax_noise
 from lm.training.ckpt_tree import _key_name, _shapes, first_mismatch, quantized_mismatch
 
@@ -47,9 +47,11 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step being written on
 SAVE_ERRORS = (OSError, ValueError, RuntimeError, TimeoutError)
 
 
-class CorruptCheckpoint(CheckpointError):
+class CorruptCheckpoint(LMError):
     """A checkpoint whose files cannot be used as written (a changed byte, a missing or
-    garbled file): a restore skips it and tries the next older one."""
+    garbled file): a restore skips it and tries the next older one. Not a CheckpointError,
+    which callers re-raise as "this checkpoint holds another model"; a user error all the
+    same (one line) where a command asked for that very checkpoint."""
 
     def __init__(self, step: int, directory: str, detail: str):
         super().__init__(f"checkpoint {step} in {directory} is unreadable: {detail}")
@@ -155,6 +157,7 @@ class Checkpointer:
     def _save_failed(self, step: int, error: Exception) -> CheckpointError:
         """The one-line error of a failed save of `step`, after removing its partial files."""
         self._failed = True
+        orbax_noise.take_suppressed()  # orbax's per-thread reports of this very failure
         self._saved.discard(step)
         if jax.process_index() == 0:
             storage.remove(storage.join(self.directory, f"{step}{TMP_SUFFIX}"))
@@ -178,10 +181,7 @@ class Checkpointer:
         short = None
         steps = self._steps_on_disk()
         if steps and not storage.is_remote(self.directory):
-            root = self._step_dir(steps[-1])
-            need = sum(
-                os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(root) for n in ns
-            )
+            need = _tree_bytes(self._step_dir(steps[-1]))
             free = shutil.disk_usage(self.directory).free
             if free < 0.9 * need:
                 short = (
@@ -278,10 +278,9 @@ class Checkpointer:
         for step in reversed(tried):
             restored, error = None, None
             try:
-                if with_data:
-                    self.restore_data(step)  # before the state: cheap, and may be missing
-                self.check_shapes(step, abstract_state)
-                restored = self.restore(step, abstract_state, with_data=with_data)
+                data = self.restore_data(step) if with_data else None  # cheap: first
+                self.check_shapes(step, abstract_state)  # verifies the checksums first
+                restored = (self.restore(step, abstract_state, with_data=False)[0], data)
             except CorruptCheckpoint as e:
                 error = e
             except CheckpointError:
@@ -297,6 +296,7 @@ class Checkpointer:
                 self.directory,
                 _reason(error) if error else "on another host",
             )
+            orbax_noise.take_suppressed()  # orbax's reports of this very failure
             if rename_corrupt:
                 self._move_aside(step, "unreadable")
         if tried and rename_corrupt:
@@ -348,7 +348,9 @@ class Checkpointer:
         self._finish_pending()
 
     def close(self) -> None:
-        """Finishes the save in flight (a failure raises CheckpointError) and closes orbax."""
+        """Finishes the save in flight (a failure raises CheckpointError) and closes orbax.
+        Orbax errors that were dropped (lm/training/orbax_noise.py) but led to no failure
+        reported here are summed up in one warning."""
         try:
             self._finish_pending()
         finally:
@@ -357,6 +359,11 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - the failed save was reported above
                 if not self._failed:
                     raise
+            dropped = orbax_noise.take_suppressed()
+            if dropped and not self._failed:
+                logging.warning(
+                    "orbax reported %d error(s); the first: %s", len(dropped), dropped[0]
+                )
 
 
 def _no_files(sums: dict) -> dict:

@@ -66,6 +66,13 @@ class _NeverRetrieved(logging.Filter):
         return exc is None or not _from_checkpoint_io(exc.__traceback__)
 
 
+def take_suppressed() -> list[str]:
+    """The orbax error lines dropped since the last call (then forgotten)."""
+    taken = list(suppressed)
+    suppressed.clear()
+    return taken
+
+
 def install() -> None:
     """Installs the filters once per process (idempotent)."""
     global _installed
