@@ -303,3 +303,23 @@ def test_a_changed_object_in_a_bucket_falls_back_to_the_previous_checkpoint(gcs,
     assert step == 1 and data_state == {"batches": 1}
     np.testing.assert_array_equal(restored["w"], np.arange(2000.0))
     assert f"{rel} does not match its CRC32C" in caplog.text
+
+
+def test_lm_train_resumes_from_the_previous_checkpoint_after_a_flipped_bit(tmp_path):
+    """`lm train` end to end: the resumed run logs exactly the losses the first run logged
+    after checkpoint 4, so it restored checkpoint 4's weights (not the altered ones)."""
+    from train_run import lm_command, losses, train_args, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    workdir = tmp_path / "run"
+    run = lm_command(*train_args(workdir, corpus, 8, "--config.train.checkpoint_every=4"))
+    subprocess.run(run, env=ENV, check=True, capture_output=True)
+    first = losses(workdir)
+    flip_bit(largest_array_file(workdir / "checkpoints" / "8"))
+    result = subprocess.run(run, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint 8" in result.stderr and "does not match its CRC32C" in result.stderr
+    assert "resumed from checkpoint 4" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert losses(workdir) == first
+    assert (workdir / "checkpoints" / "8.corrupt").is_dir()
