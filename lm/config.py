@@ -327,15 +327,17 @@ def load_experiment(name: str) -> ml_collections.ConfigDict:
 def load_run_experiment(path: str) -> ml_collections.ConfigDict:
     """A saved run config (`<path>/config.json`, or `path` itself) laid over `default_config()`,
     so keys added since it was saved keep their defaults and every key is overridable."""
-    import json
-
-    from lm import storage
+    from lm import jsonio, storage
 
     file = path if path.endswith(".json") else storage.join(path, "config.json")
     if not storage.exists(file):
         raise ConfigError(f"--experiment={path}: no run config at {file}")
+    try:
+        saved = jsonio.loads(storage.read_bytes(file))
+    except jsonio.JSONError as e:
+        raise ConfigError(f"--experiment={path}: {file}: {e}") from None
     cfg = default_config()
-    _lay_over(cfg, json.loads(storage.read_text(file)))
+    _lay_over(cfg, saved)
     return cfg
 
 

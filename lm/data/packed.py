@@ -23,7 +23,7 @@ import time
 import ml_collections
 import numpy as np
 
-from lm import stages, storage
+from lm import jsonio, stages, storage
 from lm.data import curriculum as curriculum_lib
 from lm.data.grain_pipeline import GlobalSampler, GrainBatchIterator, batch_features, decode_row
 from lm.errors import DataError
@@ -168,7 +168,15 @@ def read_plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     path = storage.join(plan_dir(cfg, workdir), "plan.json")
     if not storage.exists(path):
         raise DataError(f"no packed data at {path}: run `lm data pack` (lm train does)")
-    return json.loads(storage.read_text(path))
+    return _read_pack_json(path)
+
+
+def _read_pack_json(path: str) -> dict:
+    """A plan.json or meta.json of a pack; a damaged one is a one-line DataError."""
+    try:
+        return jsonio.loads(storage.read_bytes(path))
+    except jsonio.JSONError as e:
+        raise DataError(f"{path}: {e}; delete that pack's directory to pack it again") from None
 
 
 class PackedSplit:
@@ -178,7 +186,7 @@ class PackedSplit:
         import grain
 
         local = storage.local_copy(directory)
-        self.meta = json.loads(storage.read_text(storage.join(local, "meta.json")))
+        self.meta = _read_pack_json(storage.join(local, "meta.json"))
         self.features = features
         self.source = (
             grain.sources.ArrayRecordDataSource([storage.join(local, "rows.array_record")])

@@ -367,7 +367,8 @@ def _loop(cfg, workdir, trainer, curriculum, state, start, data_iter, ckpt, writ
         if profiling:
             jax.profiler.stop_trace()
         progress.close()
-    stages.record(f"training steps {start}-{done}", time.perf_counter() - loop_start)
+    steps_name = f"training steps {start}-{done}" if done > start else "training steps (none left)"
+    stages.record(steps_name, time.perf_counter() - loop_start)
     if "validation" not in summary:  # resumed from the final checkpoint
         with stage("validating the final checkpoint"):
             summary["validation"] = validation()

@@ -4,12 +4,11 @@ run config, and how steps are grouped into calls."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import ml_collections
 
-from lm import storage
+from lm import jsonio, storage
 from lm.config_checks import check_values
 from lm.data.curriculum import Curriculum
 from lm.data.objective_names import validate_objective
@@ -88,7 +87,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     path = storage.join(workdir, "config.json")
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of an `lm train` run?")
-    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+    try:
+        saved = jsonio.loads(storage.read_bytes(path))
+    except jsonio.JSONError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return ml_collections.ConfigDict(saved)
 
 
 def steps_in_call(step: int, cfg: ml_collections.ConfigDict, curriculum: Curriculum) -> int:
