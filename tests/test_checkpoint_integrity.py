@@ -152,19 +152,24 @@ RECOVER = textwrap.dedent(
     root = sys.argv[1]
     tree = lambda s: {f"w{i}": jnp.arange(500.0) * s + i for i in range(40)}
     ckpt = Checkpointer(root, keep=5)
-    for s in (1, 2, 3):
+    for s in (1, 2, 3, 4):
         ckpt.save(s, tree(s), {"batches": s})
     ckpt.close()
-    # 3: written before checksums existed, then garbled; 2: a flipped bit (checksummed).
-    if os.path.exists(f"{root}/3/checksums.json"):
-        os.remove(f"{root}/3/checksums.json")
+    def largest(step):  # the biggest array data file (under a `d` directory)
+        found = [os.path.join(r, n) for r, _, ns in os.walk(f"{root}/{step}/state")
+                 for n in ns if os.path.basename(r) == "d"]
+        return max(found, key=os.path.getsize)
+    # 4 and 3 as written before checksums existed: 4 lost its largest data file, 3 has a
+    # garbled manifest; 2 has a flipped bit (caught by its checksums).
+    for step in (3, 4):
+        if os.path.exists(f"{root}/{step}/checksums.json"):
+            os.remove(f"{root}/{step}/checksums.json")
+    os.remove(largest(4))
     with open(f"{root}/3/state/manifest.ocdbt", "wb") as f:
         f.write(b"\\x00garbage")
-    ocdbt = f"{root}/2/state/d"
-    name = max(os.listdir(ocdbt), key=lambda n: os.path.getsize(f"{ocdbt}/{n}"))
-    data = bytearray(open(f"{ocdbt}/{name}", "rb").read())
+    data = bytearray(open(largest(2), "rb").read())
     data[len(data) // 2] ^= 1
-    open(f"{ocdbt}/{name}", "wb").write(bytes(data))
+    open(largest(2), "wb").write(bytes(data))
     ckpt = Checkpointer(root, keep=5)
     restored, _, step = ckpt.restore_latest(tree(0))
     ckpt.close()
@@ -187,11 +192,11 @@ def test_a_recovering_restore_prints_no_tracebacks(tmp_path):
     )
     assert "Event loop is closed" not in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "never retrieved" not in result.stderr
+    assert "never retrieved" not in result.stderr and "Exception ignored" not in result.stderr
     assert result.returncode == 0
     assert result.stdout.split() == ["restored", "1", "2.0"]  # w1 = arange * 1 + 1, at index 1
     skipped = [ln for ln in result.stderr.splitlines() if "is unreadable" in ln]
-    assert len(skipped) == 2, result.stderr[-3000:]  # one line per skipped checkpoint
+    assert len(skipped) == 3, result.stderr[-3000:]  # one line per skipped checkpoint
 
 
 @pytest.fixture

@@ -6,8 +6,10 @@ operations gathered on a fresh asyncio loop, and closes the loop as soon as the 
 fails. The others still complete later, on tensorstore's threads, and their completion
 callbacks (`loop.call_soon_threadsafe`) find the loop closed: tensorstore reports each as an
 "unraisable" `RuntimeError: Event loop is closed` traceback (111-196 of them for one corrupt
-checkpoint), and asyncio logs the gathered future's "exception was never retrieved". A failed
-asynchronous save also logs the same error once per orbax thread, with a traceback each.
+checkpoint); the abandoned coroutines, finalized later, report their own errors the same way
+("Exception ignored in: <coroutine ...>"), and asyncio logs the gathered future's "exception
+was never retrieved". A failed asynchronous save also logs the same error once per orbax
+thread, with a traceback each.
 
 Nothing in those reports is lost information: the failing operation's error reaches
 `Checkpointer`, which turns it into one warning (an unreadable checkpoint, then skipped) or one
@@ -29,18 +31,17 @@ suppressed: list[str] = []  # first lines of the orbax error records dropped, fo
 
 def _from_checkpoint_io(tb) -> bool:
     """Whether a traceback passes through orbax or tensorstore code."""
-    files = [frame.filename.replace("\\", "/") for frame, _ in traceback.walk_tb(tb)]
+    files = [frame.f_code.co_filename.replace("\\", "/") for frame, _ in traceback.walk_tb(tb)]
     return any("/orbax/" in f or "/tensorstore/" in f for f in files)
 
 
-def _late_loop_callback(unraisable) -> bool:
-    """An abandoned operation's completion callback that found its event loop closed."""
-    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != (
-        "Event loop is closed"
-    ):
-        return False
-    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(unraisable.exc_traceback)]
-    return "call_soon_threadsafe" in names
+def _abandoned_operation(unraisable) -> bool:
+    """A report of an operation orbax abandoned when its event loop closed: a completion
+    callback that found the loop closed, or an orbax coroutine finalized with its error."""
+    exc, tb = unraisable.exc_value, unraisable.exc_traceback
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return "call_soon_threadsafe" in [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
+    return _from_checkpoint_io(tb)
 
 
 class _OrbaxErrors(logging.Filter):
@@ -82,7 +83,7 @@ def install() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        if not _late_loop_callback(unraisable):
+        if not _abandoned_operation(unraisable):
             previous(unraisable)
 
     sys.unraisablehook = hook
