@@ -94,7 +94,7 @@ def _write_split(ccfg, vocab, split: str, out_dir: str) -> dict:
 
 def pack(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     """Builds every pack `lm train` reads for `cfg`; returns the plan directory."""
-    from lm.data.sources import tf_cpu_only
+    from lm.data.tf_quiet import tf_cpu_only
 
     tf_cpu_only()  # before seqio imports TensorFlow: quiet, GPUs hidden
     from lm.data import mixture, pipeline
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
         cfg = apply_overrides(cfg, overrides)
         check_values(cfg)
         with _phase("loading TensorFlow and seqio"):
-            from lm.data.sources import tf_cpu_only
+            from lm.data.tf_quiet import tf_cpu_only
 
             tf_cpu_only()
             from data_mixtures import load_registrations

@@ -30,7 +30,7 @@ import seqio
 from lm.data import curriculum
 from lm.data.documents import Component, iter_documents
 from lm.data.grain_pipeline import FEATURES, batch_features
-from lm.data.sources import tf_cpu_only
+from lm.data.tf_quiet import tf_cpu_only
 from lm.errors import DataError
 from lm.tokenizer.sentencepiece_tokenizer import BOS_ID
 

@@ -19,20 +19,27 @@ follow the same rules (key = file:line or the TFDS index); only this shard's rec
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import hashlib
 import logging
 import os
-import sys
 import sysconfig
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ml_collections
 
-from lm import jsonio, storage
+from lm import jsonio
+from lm.data.files import (
+    SkipStats,
+    decode_utf8,
+    expand_paths,
+    globs,
+    missing_path,
+    read_file,
+    walk,
+    warn_once,
+)
+from lm.data.tf_quiet import tf_cpu_only
 from lm.errors import DataError
 
 SPLITS = ("train", "validation")
@@ -67,66 +74,8 @@ class DocRef:
     load: Callable[[], str | None]  # None: the document is unreadable and is skipped.
 
 
-@dataclass
-class SkipStats:
-    """Counts of files skipped while reading (non-UTF-8, over max_file_bytes, unreadable or not
-    a regular file), and "path at byte N" for the first few that are not UTF-8."""
-
-    not_utf8: int = 0
-    too_big: int = 0
-    unreadable: int = 0
-    not_utf8_examples: list[str] = field(default_factory=list)
-
-
 # Updated by the file readers; tests and logs read it. Reset per `iter_source_documents` call.
 last_skip_stats = SkipStats()
-# Files already named in a warning: the tokenizer and every packed split read the same files,
-# and one warning per file is enough.
-_WARNED: set[str] = set()
-_TF = None
-
-
-@contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """File descriptor 2 points at /dev/null inside the block (C++ libraries write there
-    directly, past Python's sys.stderr)."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no stderr to silence
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def tf_cpu_only():
-    """Imports TensorFlow quietly with GPUs hidden (JAX owns the accelerators); returns it.
-
-    Quietly: TensorFlow 2.19+ writes its start-up lines (oneDNN, "Could not find cuda drivers",
-    "failed call to cuInit") to stderr before its log level applies, whatever
-    TF_CPP_MIN_LOG_LEVEL says, so they go to /dev/null while TF loads and hides the GPUs; an
-    import error still raises. Must run before TF's first op; later calls are no-ops.
-    """
-    global _TF
-    if _TF is None:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        with _stderr_silenced():
-            import tensorflow as tf
-
-            try:
-                tf.config.set_visible_devices([], "GPU")
-            except RuntimeError:  # Devices already initialized by an earlier TF op.
-                pass
-        _TF = tf
-    return _TF
 
 
 def _split_of(key: str, validation_fraction: float) -> str:
@@ -139,15 +88,6 @@ def _hash_rank(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def _globs(text: str) -> list[str]:
-    return [g.strip() for g in text.split(",") if g.strip()]
-
-
-def _matches(rel: str, patterns: list[str]) -> bool:
-    base = os.path.basename(rel)
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(base, p) for p in patterns)
-
-
 def _require_path(data_cfg: ml_collections.ConfigDict) -> str:
     path = data_cfg.path
     if not path:
@@ -155,77 +95,11 @@ def _require_path(data_cfg: ml_collections.ConfigDict) -> str:
     return path
 
 
-def _missing(path: str) -> DataError:
-    return DataError(f"data path {path!r} does not exist (set by --config.data.path)")
-
-
-def decode_utf8(raw: bytes, name: str) -> str:
-    """`raw` as UTF-8 text, or a DataError naming `name` and the byte offset of the first
-    invalid byte. Never a guessed encoding: text decoded as cp1252 by mistake would be trained
-    on as mojibake; `lm data run` detects legacy encodings and reports what it converted."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{name}: not valid UTF-8 at byte {e.start} (0x{raw[e.start]:02x}); convert it to "
-            "UTF-8 first (e.g. iconv, or `lm data run`, which detects legacy encodings)"
-        ) from None
-
-
-def _read_file(path: str, max_bytes: int, stats: SkipStats) -> str | None:
-    """The file's text, or None (counted in `stats`) if it is too big, not UTF-8, unreadable or
-    not a regular file (a FIFO would block the read forever)."""
-    try:
-        if not storage.is_regular_file(path):
-            stats.unreadable += 1
-            return None
-        if max_bytes and os.path.getsize(path) > max_bytes:
-            stats.too_big += 1
-            return None
-        with open(path, "rb") as f:
-            raw = f.read()
-        return decode_utf8(raw, path)
-    except DataError as e:
-        stats.not_utf8 += 1
-        if len(stats.not_utf8_examples) < 3:
-            stats.not_utf8_examples.append(str(e).split(";")[0].replace(": not valid UTF-8", ""))
-        _warn_once(path, f"data: skipped {e}".split(";")[0])
-        return None
-    except OSError:
-        stats.unreadable += 1
-        return None
-
-
-def _warn_once(path: str, message: str) -> None:
-    if path not in _WARNED:
-        _WARNED.add(path)
-        logging.warning("%s", message)
-
-
 def _file_refs(root: str, rels: list[str], max_bytes: int, stats: SkipStats) -> list[DocRef]:
     return [
-        DocRef(rel, lambda p=os.path.join(root, rel): _read_file(p, max_bytes, stats))
+        DocRef(rel, lambda p=os.path.join(root, rel): read_file(p, max_bytes, stats))
         for rel in rels
     ]
-
-
-def _walk(root: str, include: list[str], exclude: list[str], skip_dir) -> list[str]:
-    """Sorted relative paths under `root` matching include and not exclude."""
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir
-        dirnames[:] = sorted(
-            d for d in dirnames if not skip_dir(os.path.join(rel_dir, d).replace(os.sep, "/"))
-        )
-        for name in filenames:
-            rel = os.path.join(rel_dir, name).replace(os.sep, "/")
-            if include and not _matches(rel, include):
-                continue
-            if exclude and _matches(rel, exclude):
-                continue
-            rels.append(rel)
-    return sorted(rels)
 
 
 def _stdlib_skip_dir(rel: str) -> bool:
@@ -234,7 +108,7 @@ def _stdlib_skip_dir(rel: str) -> bool:
 
 def _stdlib_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[DocRef]:
     root = sysconfig.get_paths()["stdlib"]
-    rels = _walk(root, _globs(data_cfg.include), _globs(data_cfg.exclude), _stdlib_skip_dir)
+    rels = walk(root, globs(data_cfg.include), globs(data_cfg.exclude), _stdlib_skip_dir)
     return _file_refs(root, rels, data_cfg.max_file_bytes, stats)
 
 
@@ -243,30 +117,9 @@ def _dir_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[Doc
     if not os.path.isdir(root):
         if os.path.exists(root):
             raise DataError(f"data.source=dir needs a directory, got file {root!r}")
-        raise _missing(root)
-    rels = _walk(root, _globs(data_cfg.include), _globs(data_cfg.exclude), lambda rel: False)
+        raise missing_path(root)
+    rels = walk(root, globs(data_cfg.include), globs(data_cfg.exclude), lambda rel: False)
     return _file_refs(root, rels, data_cfg.max_file_bytes, stats)
-
-
-def _expand_paths(spec: str) -> list[str]:
-    """Comma-separated files or globs -> sorted existing files; a missing one is an error, and
-    so is one that is not a regular file (a FIFO or device would block the reader)."""
-    out = []
-    for item in _globs(spec):
-        if any(ch in item for ch in "*?["):
-            found = sorted(glob.glob(item))
-            if not found:
-                raise _missing(item)
-            out.extend(found)
-        elif os.path.isdir(item):
-            raise DataError(f"{item!r} is a directory: use --config.data.source=dir")
-        elif os.path.lexists(item):
-            out.append(item)
-        else:
-            raise _missing(item)
-    for path in out:
-        storage.require_regular_file(path)
-    return out
 
 
 def chunk_text(text: str, target_bytes: int = TEXT_CHUNK_BYTES) -> list[str]:
@@ -294,7 +147,7 @@ def chunk_text(text: str, target_bytes: int = TEXT_CHUNK_BYTES) -> list[str]:
 def _text_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[DocRef]:
     """Each file cut into ~4 KB documents. A file that is not UTF-8 is an error when it is the
     only input, else it is skipped with a warning naming it (and counted in `stats`)."""
-    paths = _expand_paths(_require_path(data_cfg))
+    paths = expand_paths(_require_path(data_cfg))
     refs = []
     for path in paths:
         with open(path, "rb") as f:
@@ -305,7 +158,7 @@ def _text_refs(data_cfg: ml_collections.ConfigDict, stats: SkipStats) -> list[Do
             if len(paths) == 1:
                 raise
             stats.not_utf8 += 1
-            _warn_once(path, f"data: skipped {e}".split(";")[0])
+            warn_once(path, f"data: skipped {e}".split(";")[0])
             continue
         base = os.path.basename(path)
         for i, chunk in enumerate(chunk_text(text)):
@@ -334,7 +187,7 @@ def _iter_jsonl(
 ) -> Iterator[str]:
     """JSONL files streamed line by line (they can be far larger than memory); a line's key is
     file:line, and only this shard's lines of the split are parsed."""
-    paths = _expand_paths(_require_path(data_cfg))
+    paths = expand_paths(_require_path(data_cfg))
     limit = data_cfg.max_documents or None
     index = position = 0
     for path in paths:
@@ -394,10 +247,10 @@ def content_stamp(data_cfg: ml_collections.ConfigDict) -> str:
     if data_cfg.source in ("stdlib", "dir"):
         root = sysconfig.get_paths()["stdlib"] if data_cfg.source == "stdlib" else data_cfg.path
         skip = _stdlib_skip_dir if data_cfg.source == "stdlib" else (lambda rel: False)
-        inc, exc = _globs(data_cfg.include), _globs(data_cfg.exclude)
-        paths = [os.path.join(root, r) for r in _walk(root, inc, exc, skip)] if root else []
+        inc, exc = globs(data_cfg.include), globs(data_cfg.exclude)
+        paths = [os.path.join(root, r) for r in walk(root, inc, exc, skip)] if root else []
     elif data_cfg.source in ("text", "jsonl") and data_cfg.path:
-        paths = _expand_paths(data_cfg.path)
+        paths = expand_paths(data_cfg.path)
     elif data_cfg.source == "curated" and data_cfg.path:
         paths = [os.path.join(data_cfg.path, "manifest.json")]
     else:

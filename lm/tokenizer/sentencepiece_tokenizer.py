@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from lm import storage
 from lm.data.documents import iter_documents
-from lm.data.sources import tf_cpu_only
+from lm.data.tf_quiet import tf_cpu_only
 from lm.errors import DataError
 
 if TYPE_CHECKING:
