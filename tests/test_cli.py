@@ -15,70 +15,72 @@ def test_experiments_lists_every_shipped_name(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--experiment=tinny", "--workdir=/tmp/x"], "Did you mean: tiny"),
+        (["train", "--experiment=tinny", "--workdir={tmp}"], "Did you mean: tiny"),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.model.num_layer=3"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.model.num_layer=3"],
             "--config.model.num_layer is not a config key. Did you mean: model.num_layers",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.optim.lr=fast"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.optim.lr=fast"],
             "--config.optim.lr expects a float",
         ),
         (
             [
                 "train",
                 "--experiment=char_tiny",
-                "--workdir=/tmp/x",
+                "--workdir={tmp}",
                 "--config.data.batch_size=16",
                 "--config.data.path=/nonexistent/input.txt",
             ],
             "/nonexistent/input.txt",
         ),
         (["sample", "--workdir=/nonexistent/run"], "config.json not found"),
-        (["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.mesh.data=3"], "there are"),
+        (["train", "--experiment=tiny", "--workdir={tmp}", "--config.mesh.data=3"], "there are"),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.batch_size=13"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.data.batch_size=13"],
             "data.batch_size=13 must divide",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.eval_every=0"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.train.eval_every=0"],
             "train.eval_every=0 must be >= 1",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.steps=-5"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.train.steps=-5"],
             "--config.train.steps=-5 must be >= 1",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.train.steps=many"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.train.steps=many"],
             "--config.train.steps expects an int, got 'many'",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.optim.lr=-0.1"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.optim.lr=-0.1"],
             "--config.optim.lr=-0.1 must be >= 0",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.optim.b2=1.5"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.optim.b2=1.5"],
             "--config.optim.b2=1.5 must be < 1",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.batch_size=0"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.data.batch_size=0"],
             "--config.data.batch_size=0 must be >= 1",
         ),
         (
-            ["train", "--experiment=tiny", "--workdir=/tmp/x", "--config.data.source=jsnol"],
+            ["train", "--experiment=tiny", "--workdir={tmp}", "--config.data.source=jsnol"],
             "--config.data.source='jsnol' must be one of stdlib, text, dir, jsonl",
         ),
         (
-            ["tokenizer", "train", "--experiment=tiny", "--output=/x", "--config.data.source=x"],
+            ["tokenizer", "train", "--experiment=tiny", "--output={tmp}/tok", "--config.data.source=x"],
             "--config.data.source='x' must be one of",
         ),
     ],
 )
-def test_user_errors_are_one_line(argv, message, capsys):
-    assert main(argv) == 2
+def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
+    workdir = tmp_path / "run"  # fresh: a run left elsewhere must not change which check fires
+    assert main([a.replace("{tmp}", str(workdir)) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
     assert not any("Traceback" in line for line in err)
+    assert not workdir.exists()  # a command that fails validation leaves nothing behind
 
 
 def test_pod_runs_the_command_on_every_host_with_a_prefix():
@@ -93,7 +95,7 @@ def test_pod_runs_the_command_on_every_host_with_a_prefix():
     for host in (0, 1):
         assert any(ln.startswith(f"[host {host}] tiny ") for ln in result.stdout.splitlines())
     # The first failing host's status is the pod's.
-    bad = [*cmd, "--", "train", "--experiment=tinny", "--workdir=/tmp/x"]
+    bad = [*cmd, "--", "train", "--experiment=tinny", "--workdir={tmp}"]
     result = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "[host 1] error: " in result.stderr
 
