@@ -16,17 +16,26 @@ Nothing in those reports is lost information: the failing operation's error reac
 `CheckpointError` line (a failed save). Checksums (lm/training/checksums.py) keep orbax from
 reading a damaged checkpoint at all; this module handles the rest (checkpoints written before
 checksums existed, a disk that fills during a save). Each filter matches only these reports:
-orbax's own error records, and tracebacks that pass through orbax or tensorstore.
+orbax's own error records, and errors raised by tensorstore or passing through orbax.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 
 _installed = False
 suppressed: list[str] = []  # first lines of the orbax error records dropped, for one summary
+
+
+# How tensorstore's errors reach Python: a ValueError whose message starts with the status code.
+_STATUS = re.compile(
+    r"^(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+    r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+    r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): "
+)
 
 
 def _from_checkpoint_io(tb) -> bool:
@@ -35,13 +44,21 @@ def _from_checkpoint_io(tb) -> bool:
     return any("/orbax/" in f or "/tensorstore/" in f for f in files)
 
 
+def _checkpoint_io_error(exc: BaseException | None) -> bool:
+    """An error raised by orbax or tensorstore (whose futures have no Python frames)."""
+    if exc is None:
+        return False
+    tensorstore = isinstance(exc, ValueError) and bool(_STATUS.match(str(exc)))
+    return tensorstore or _from_checkpoint_io(exc.__traceback__)
+
+
 def _abandoned_operation(unraisable) -> bool:
     """A report of an operation orbax abandoned when its event loop closed: a completion
     callback that found the loop closed, or an orbax coroutine finalized with its error."""
     exc, tb = unraisable.exc_value, unraisable.exc_traceback
     if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return "call_soon_threadsafe" in [f.f_code.co_name for f, _ in traceback.walk_tb(tb)]
-    return _from_checkpoint_io(tb)
+    return _from_checkpoint_io(tb) or _checkpoint_io_error(exc)
 
 
 class _OrbaxErrors(logging.Filter):
@@ -63,8 +80,7 @@ class _NeverRetrieved(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "exception was never retrieved" not in str(record.msg):
             return True
-        exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or not _from_checkpoint_io(exc.__traceback__)
+        return not _checkpoint_io_error(record.exc_info[1] if record.exc_info else None)
 
 
 def take_suppressed() -> list[str]:
