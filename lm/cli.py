@@ -376,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (a server's usual stop): a line, not a traceback
+        from lm.stages import LIVE
+
+        LIVE.end()
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _exit(code: int) -> None:

@@ -69,7 +69,13 @@ def test_experiments_lists_every_shipped_name(capsys):
             "--config.data.source='jsnol' must be one of stdlib, text, dir, jsonl",
         ),
         (
-            ["tokenizer", "train", "--experiment=tiny", "--output={tmp}/tok", "--config.data.source=x"],
+            [
+                "tokenizer",
+                "train",
+                "--experiment=tiny",
+                "--output={tmp}/tok",
+                "--config.data.source=x",
+            ],
             "--config.data.source='x' must be one of",
         ),
     ],
@@ -199,3 +205,14 @@ def test_a_resumed_run_reports_validation_phases_and_keeps_other_sections(finish
     assert report.index("## Summary") < report.index("## Evaluation") < report.index("## Config")
     for phase in ("compiling the train step", "training steps 30-40", "whole command"):
         assert f"| {phase} |" in report or f"| **{phase}** |" in report, phase
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import lm.cli
+
+    def interrupted(args, overrides):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm.cli, "cmd_experiments", interrupted)
+    assert lm.cli.main(["experiments"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -554,9 +555,13 @@ def test_cli_serves_a_workdir(tiny_workdir):
         models = httpx2.get(url + "/v1/models", headers={"Authorization": "Bearer sk-env"})
         assert models.json()["data"][0]["id"] == "run"
         assert httpx2.get(url + "/v1/models").status_code == 401
+        process.send_signal(signal.SIGINT)  # Ctrl-C: the usual way to stop a server
+        assert process.wait(timeout=60) == 130
+        assert "Traceback" not in process.stderr.read()
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def _up(url: str) -> bool:
