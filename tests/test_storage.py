@@ -190,3 +190,14 @@ def test_checkpointer_round_trip_on_gcs(gcs):
     names = gcs.fs().ls(directory.removeprefix("gs://"))
     listed = {n.rsplit("/", 1)[-1] for n in names}
     assert {"2", "3"} <= listed and "1" not in listed
+
+
+def test_run_files_get_the_mode_a_plain_open_gives(tmp_path):
+    """Not mkstemp's 0600: run files are readable by whoever may read the directory."""
+    import stat
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = tmp_path / "written.txt"
+    storage.write_text(str(written), "x")
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
