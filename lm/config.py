@@ -333,9 +333,9 @@ def load_run_experiment(path: str) -> ml_collections.ConfigDict:
     if not storage.exists(file):
         raise ConfigError(f"--experiment={path}: no run config at {file}")
     try:
-        saved = jsonio.loads(storage.read_bytes(file))
+        saved = jsonio.read_json(file)
     except jsonio.JSONError as e:
-        raise ConfigError(f"--experiment={path}: {file}: {e}") from None
+        raise ConfigError(f"--experiment={path}: {e}") from None
     cfg = default_config()
     _lay_over(cfg, saved)
     return cfg

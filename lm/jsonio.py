@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
+
+from lm import storage
 
 MAX_DEPTH = 64
 
@@ -68,3 +71,28 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise JSONError(f"malformed JSON: {msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise JSONError(f"JSON nested deeper than {max_depth} levels") from None
+
+
+def read_json(path: str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """A whole JSON file (local or `gs://`, through `lm.storage`); `JSONError` names the file."""
+    try:
+        return loads(storage.read_bytes(path), max_depth=max_depth)
+    except JSONError as e:
+        raise JSONError(f"{path}: {e}") from None
+
+
+def jsonl_objects(text: str, name: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of JSONL `text`; a BOM at the start of a
+    line is not content. `JSONError` naming `name:line` for a bad line or one that is not an
+    object (for readers where one bad line is the user's to fix, not a counted reject)."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip().removeprefix("\ufeff")
+        if not line:
+            continue
+        try:
+            record = loads(line)
+        except JSONError as e:
+            raise JSONError(f"{name}:{lineno}: {e}") from None
+        if not isinstance(record, dict):
+            raise JSONError(f"{name}:{lineno}: expected a JSON object per line")
+        yield lineno, record

@@ -137,19 +137,18 @@ def read_eval_file(path: str, field: str = "text") -> Iterator[str]:
     """Texts of an eval-set file: JSONL (every string value of `field`, or of all fields when
     absent) or plain text (one example per non-empty line). Read whole through `lm.storage`
     (which refuses a FIFO or device); a bad JSONL line is a one-line DataError naming it."""
-    for lineno, line in enumerate(storage.read_text(path).splitlines(), 1):
-        line = line.strip().removeprefix("\ufeff")
-        if not line:
-            continue
-        if not path.endswith((".jsonl", ".json")):
-            yield line
-            continue
-        try:
-            record = jsonio.loads(line)
-        except jsonio.JSONError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+    text = storage.read_text(path)
+    if not path.endswith((".jsonl", ".json")):
+        for line in text.splitlines():
+            line = line.strip().removeprefix("\ufeff")
+            if line:
+                yield line
+        return
+    try:
+        records = list(jsonio.jsonl_objects(text, path))
+    except jsonio.JSONError as e:
+        raise DataError(str(e)) from None
+    for _, record in records:
         if field in record:
             yield str(record[field])
         else:

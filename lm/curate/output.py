@@ -193,9 +193,9 @@ def read_manifest(output_dir: str) -> dict[str, Any]:
     if not storage.exists(path):
         raise DataError(f"{output_dir} has no {MANIFEST}: not a finished `lm data run` output")
     try:
-        manifest = jsonio.loads(storage.read_bytes(path))
+        manifest = jsonio.read_json(path)
     except jsonio.JSONError as e:
-        raise DataError(f"{path}: {e}") from None
+        raise DataError(str(e)) from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     names = [n for kind in ("documents", "rejects") for n in (shards or {}).get(kind, [])]
     if not isinstance(shards, dict) or not all(

@@ -32,7 +32,6 @@ a `Tagged(tag, value)` whose aggregation keeps the tag it reports on.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from lm import jsonio, storage
 from lm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -91,18 +91,10 @@ def data_file(options: Mapping[str, Any], option: str, env: str, sample: str) ->
 
 def jsonl_records(path: str) -> list[tuple[int, dict]]:
     """(line number, object) of every non-blank line; a one-line DataError on bad JSON."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: each line must be a JSON object")
-            records.append((line_no, record))
+    try:
+        records = list(jsonio.jsonl_objects(storage.read_text(path), path))
+    except jsonio.JSONError as e:
+        raise DataError(str(e)) from None
     if not records:
         raise DataError(f"{path}: no records")
     return records

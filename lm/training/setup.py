@@ -88,9 +88,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     if not storage.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of an `lm train` run?")
     try:
-        saved = jsonio.loads(storage.read_bytes(path))
+        saved = jsonio.read_json(path)
     except jsonio.JSONError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(str(e)) from None
     return ml_collections.ConfigDict(saved)
 
 
