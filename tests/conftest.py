@@ -48,3 +48,19 @@ def tiny_workdir(tmp_path_factory) -> str:
     workdir = str(root / "run")
     assert main(tiny_train_argv(workdir, corpus)) == 0
     return workdir
+
+
+@pytest.fixture
+def stage_updates(monkeypatch) -> list:
+    """(stage name, done, total) of every `Stage.update` while the test runs (lm/stages.py)."""
+    from lm import stages
+
+    updates = []
+    update = stages.Stage.update
+
+    def recording(self, done, total=None):
+        updates.append((self.name, done, total or self.total))
+        update(self, done, total)
+
+    monkeypatch.setattr(stages.Stage, "update", recording)
+    return updates

@@ -340,19 +340,11 @@ def test_hf_vocab_without_bos(tmp_path):
     assert vocab.pad_id == eos and vocab.vocab_size == vocab.base_vocab_size
 
 
-def test_convert_names_and_times_its_stages(imported, tmp_path, monkeypatch):
+def test_convert_names_and_times_its_stages(imported, tmp_path, stage_updates):
     # Issue 20 item 4: a stage line (on a terminal) and a recorded time for each phase.
     from lm import stages
 
-    updates = []
-    update = stages.Stage.update
-    monkeypatch.setattr(
-        stages.Stage,
-        "update",
-        lambda self, done, total=None: (
-            updates.append((self.name, done, self.total)) or update(self, done, total)
-        ),
-    )
+    updates = stage_updates
     _, hf_dir, _ = imported("gpt2")
     workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
     seen = len(stages.timings())

@@ -20,9 +20,10 @@ from lm import storage
 from lm.curate import output, pipeline, sources
 from lm.curate.cli import main, run_curation
 from lm.curate.config import default_config
-from lm.curate.output import read_documents, read_manifest, read_rejects
+from lm.curate.output import read_documents, read_manifest
 from lm.curate.synthetic import prose
 from lm.errors import DataError
+from tests.test_curate_hostile import _outcomes
 
 ARGS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
 
@@ -39,18 +40,6 @@ def _config(kind: str, path: str, include: str = ""):
     c.output.num_shards = 2
     c.decontam.enabled = False
     return c
-
-
-def _outcomes(out: str) -> dict[str, tuple[str, dict]]:
-    """id -> (`kept` or `step/reason`, stored record) of everything a run wrote."""
-    got: dict[str, tuple[str, dict]] = {}
-    for d in read_documents(out):
-        assert d["id"] not in got, d["id"]
-        got[d["id"]] = ("kept", d)
-    for r in read_rejects(out):
-        assert r["id"] not in got, r["id"]
-        got[r["id"]] = (f"{r['step']}/{r['reason']}", r)
-    return got
 
 
 def _accounted(name: str, expected: dict, got: dict) -> None:

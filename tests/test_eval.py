@@ -365,20 +365,12 @@ class _FakeTerminal:
         pass
 
 
-def test_lm_eval_shows_progress_for_each_kind_of_request(lm, monkeypatch):
+def test_lm_eval_shows_progress_for_each_kind_of_request(lm, monkeypatch, stage_updates):
     # Issue 20 item 4: `lm eval` showed nothing until the table. Each request kind is a stage
     # with counts, drawn on a terminal's stderr and timed (lm.stages.timings()).
     from lm import stages
 
-    updates = []
-    update = stages.Stage.update
-    monkeypatch.setattr(
-        stages.Stage,
-        "update",
-        lambda self, done, total=None: (
-            updates.append((self.name, done, total or self.total)) or update(self, done, total)
-        ),
-    )
+    updates = stage_updates
     terminal = _FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
     monkeypatch.setitem(stages.stage.__wrapped__.__kwdefaults__, "after", 0.0)  # draw at once
