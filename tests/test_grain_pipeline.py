@@ -153,13 +153,16 @@ def test_reader_process_has_no_tf(corpus):
 
 _TRAINER = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     from lm.config import get_config
     from lm.training.loop import train
     train(get_config("char_tiny", sys.argv[2:]), sys.argv[1])
     assert "tensorflow" not in sys.modules and "seqio" not in sys.modules, sorted(
         m for m in sys.modules if m.startswith(("tensorflow", "seqio")))
-    print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    # VmHWM: this process image's own peak. getrusage's ru_maxrss survives exec on Linux, so
+    # it would report the forking pytest process's size (GBs late in a long session).
+    hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM:")][0]
+    print(json.dumps({"rss_kb": int(hwm.split()[1])}))
     """
 )
 
